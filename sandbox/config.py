@@ -1,0 +1,66 @@
+"""Runtime settings: one frozen object, built once by the caller and passed in.
+
+Nothing in sandbox/ reads the environment at import time; `RuntimeSettings.from_env()` is the
+one place that does, and only when a caller asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import msgspec
+
+
+class RuntimeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    state_dir: str = "/var/lib/sbx"
+    """Images, volumes and per-worker scratch live below this directory."""
+    cgroup_mode: Literal["auto", "v2", "v1", "none"] = "auto"
+    """Which cgroup hierarchy to use for limits and accounting; auto picks the first writable."""
+    cgroup_v2_root: str = "/sys/fs/cgroup/unified/sbx"
+    """A cgroup v2 directory delegated to this user (its own cgroup.subtree_control writable)."""
+    cgroup_v1_root: str = "/sys/fs/cgroup"
+    """Mount point of the v1 controllers; each controller's `sbx` child must be ours."""
+    cgroup_name: str = "sbx"
+    """Name of the delegated child under each v1 controller."""
+    userns: Literal["auto", "subuid", "single"] = "auto"
+    """subuid: map /etc/subuid ranges with newuidmap; single: map only our own uid."""
+    run_uid_default: int = 1000
+    """In-container uid of untrusted code when a run does not say."""
+    registry: str = "127.0.0.1:5000"
+    """Default registry for image references without a host."""
+    insecure_registries: tuple[str, ...] = ("127.0.0.1:5000", "localhost:5000")
+    """Registries spoken to over plain HTTP."""
+    docker_config: str = ""
+    """Path of a docker config.json with `auths`; empty means ~/.docker/config.json."""
+
+    @property
+    def images_dir(self) -> str:
+        return os.path.join(self.state_dir, "images")
+
+    @property
+    def volumes_dir(self) -> str:
+        return os.path.join(self.state_dir, "volumes")
+
+    @property
+    def scratch_dir(self) -> str:
+        return os.path.join(self.state_dir, "scratch")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "RuntimeSettings":
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        if "SBX_STATE_DIR" in env:
+            values["state_dir"] = env["SBX_STATE_DIR"]
+        if "SBX_CGROUP_MODE" in env:
+            values["cgroup_mode"] = env["SBX_CGROUP_MODE"]
+        if "SBX_USERNS" in env:
+            values["userns"] = env["SBX_USERNS"]
+        if "SBX_REGISTRY" in env:
+            values["registry"] = env["SBX_REGISTRY"]
+        if "SBX_INSECURE_REGISTRIES" in env:
+            values["insecure_registries"] = tuple(
+                r for r in env["SBX_INSECURE_REGISTRIES"].split(",") if r
+            )
+        values.update(overrides)
+        return msgspec.convert(values, cls)
