@@ -1,0 +1,148 @@
+"""Queue names, Redis key layout, the Redis connection factory and enqueueing.
+
+This is the API's only way into the workers: it builds a `workers.protocol` payload and calls
+`JobQueue.submit_*`; it reads runs back through `workers.records`. Everything here speaks rq
+with the msgpack serializer and the allow-listed job class, so the API and the workers agree
+on the format by construction.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from typing import Literal
+from urllib.parse import urlsplit
+
+import redis
+from rq import Queue
+
+from sandbox.errors import InvalidSpec, Unavailable
+from workers.jobclass import SbxJob
+from workers.protocol import PullJob, RunJob, encode
+from workers.serializer import MsgpackSerializer
+
+QUEUE_NAME = "sbx"
+"""The rq queue every sbx worker listens on."""
+
+RUN_FUNCTION = "workers.tasks.run"
+PULL_FUNCTION = "workers.tasks.pull"
+
+WORKERS_SET = "sbx:workers"
+"""Set of worker names that registered; a name is alive while its `worker_key` exists."""
+
+METRICS_VERDICTS = "sbx:metrics:verdicts"
+"""Hash verdict -> count of finished runs."""
+METRICS_LATENCY = "sbx:metrics:latency"
+"""Hash of a Prometheus histogram of seconds from enqueue to end: `le=<bound>`, `sum`, `count`."""
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Upper bounds (seconds) of the latency histogram; +Inf is implied."""
+
+LOCAL_IMAGES = "sbx:images:local"
+"""Hash image name -> msgpack ImageInfo, published by workers for images they hold locally."""
+
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+"""Run ids are uuid4 hex; anything else is refused before it becomes a Redis key."""
+
+
+def worker_key(name: str) -> str:
+    """Liveness hash of a worker process; expires unless the worker keeps beating."""
+    return f"sbx:worker:{name}"
+
+
+def control_key(name: str) -> str:
+    """List a worker process pops control messages from (run ids to kill)."""
+    return f"sbx:ctl:{name}"
+
+
+def cancel_key(run_id: str) -> str:
+    """Marker: the run was cancelled by its owner."""
+    return f"sbx:cancel:{run_id}"
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse a Redis URL off loopback without a password (no default passwords either)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise InvalidSpec(f"redis url: unsupported scheme {parts.scheme!r}", field="redis_url")
+    if parts.scheme != "unix" and not _is_loopback(parts.hostname) and not parts.password:
+        raise InvalidSpec(
+            "redis url: a Redis server off loopback needs a password in the URL", field="redis_url"
+        )
+
+
+def connect(url: str, *, block_seconds: float = 0.0) -> redis.Redis:
+    """A Redis client whose socket timeout stays above the longest blocking call it makes.
+
+    redis-py's default socket timeout would cut a blocking XREAD/BLPOP short and fail late and
+    confusingly, so callers pass the longest block they will ask for.
+    """
+    check_redis_url(url)
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=max(block_seconds, 0.0) + 5.0,
+        socket_connect_timeout=2.0,
+        health_check_interval=15,
+        retry_on_timeout=False,
+    )
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobQueue:
+    """Enqueues sbx jobs on the rq queue, refusing work when the queue is full."""
+
+    def __init__(
+        self,
+        connection: redis.Redis,
+        *,
+        max_depth: int = 1000,
+        result_ttl: int = 3600,
+        queued_ttl: int = 3600,
+        name: str = QUEUE_NAME,
+    ) -> None:
+        self.connection = connection
+        self.max_depth = max_depth
+        self.result_ttl = result_ttl
+        self.queued_ttl = queued_ttl
+        self.rq = Queue(name, connection=connection, job_class=SbxJob, serializer=MsgpackSerializer)
+
+    def depth(self) -> int:
+        """Jobs waiting to be taken by a worker."""
+        return int(self.connection.llen(self.rq.key))
+
+    def submit_run(self, job: RunJob, *, timeout: int) -> str:
+        """Enqueue a run; `timeout` (seconds) bounds how long a worker may hold it."""
+        return self._submit(RUN_FUNCTION, encode(job), tenant=job.tenant, kind="run", timeout=timeout)
+
+    def submit_pull(self, job: PullJob, *, tenant: str, timeout: int = 600) -> str:
+        return self._submit(PULL_FUNCTION, encode(job), tenant=tenant, kind="pull", timeout=timeout)
+
+    def _submit(
+        self, func: str, payload: bytes, *, tenant: str, kind: Literal["run", "pull"], timeout: int
+    ) -> str:
+        depth = self.depth()
+        if depth >= self.max_depth:
+            raise Unavailable(f"queue full ({depth} jobs waiting); retry later", retry_after=2)
+        run_id = new_run_id()
+        self.rq.enqueue_call(
+            func,
+            args=(payload,),
+            job_id=run_id,
+            timeout=timeout,
+            result_ttl=self.result_ttl,
+            failure_ttl=self.result_ttl,
+            ttl=self.queued_ttl,
+            meta={"tenant": tenant, "kind": kind},
+        )
+        return run_id
