@@ -1,0 +1,287 @@
+"""Control groups: per-run memory, pids and CPU accounting on a delegated v2 or v1 hierarchy.
+
+A run's cgroup is created by the helper, limits are written, and the container's payload
+joins it itself (writing "0" to cgroup.procs through fds opened before pivot_root) so the
+container's init, a Python process, is not charged. After the run the helper reads the peak
+memory, OOM kills, pids-limit hits and CPU usage, then removes the directory.
+
+v2: a delegated directory (`cgroup.subtree_control` ours) with memory and pids enabled. The
+helper first moves itself into a leaf `helper-PID` below it, so every migration stays inside
+the delegated tree. v1: a directory named `sbx` under each controller's mount, chowned to us.
+When neither is writable the caller falls back to rlimits (`detect` returns None).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import msgspec
+
+from sandbox.errors import SetupError
+
+
+class CgroupStats(msgspec.Struct, frozen=True):
+    memory_peak: int = 0
+    oom_kills: int = 0
+    pids_limit_hits: int = 0
+    cpu_time: float | None = None
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _keyed(text: str, key: str) -> int:
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
+def _writable_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_tree(path: str) -> None:
+    """rmdir a cgroup and its children, deepest first; missing is fine."""
+    if not os.path.isdir(path):
+        return
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            _remove_tree(entry.path)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+
+
+class RunCgroup:
+    """One run's cgroup(s). `procs_files` are the cgroup.procs files the payload joins."""
+
+    def __init__(self, driver: "CgroupDriver", dirs: dict[str, str]) -> None:
+        self.driver = driver
+        self.dirs = dirs
+        self.procs_files = sorted({os.path.join(d, "cgroup.procs") for d in dirs.values()})
+
+    def cpu_time(self) -> float | None:
+        return self.driver.cpu_time(self)
+
+    def stats(self) -> CgroupStats:
+        return self.driver.stats(self)
+
+    def remove(self) -> None:
+        for path in set(self.dirs.values()):
+            for _ in range(50):
+                try:
+                    _remove_tree(path)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        raise
+                    os.sched_yield()
+
+
+class CgroupDriver:
+    mode = "none"
+
+    def __init__(self) -> None:
+        self.owner_pid = os.getpid()
+        self._seq = 0
+
+    def next_name(self) -> str:
+        self._seq += 1
+        return f"run-{self.owner_pid}-{self._seq}"
+
+    def create(self, memory: int, pids: int) -> RunCgroup:
+        raise NotImplementedError
+
+    def cpu_time(self, cg: RunCgroup) -> float | None:
+        raise NotImplementedError
+
+    def stats(self, cg: RunCgroup) -> CgroupStats:
+        raise NotImplementedError
+
+    def roots(self) -> list[str]:
+        raise NotImplementedError
+
+    def clean_stale(self) -> int:
+        """Remove run cgroups left by helpers that died; returns how many."""
+        removed = 0
+        for root in self.roots():
+            for entry in os.scandir(root):
+                parts = entry.name.split("-")
+                if len(parts) < 2 or parts[0] not in ("run", "helper") or not entry.is_dir():
+                    continue
+                try:
+                    pid = int(parts[1])
+                except ValueError:
+                    continue
+                if pid != self.owner_pid and not _pid_alive(pid):
+                    try:
+                        _remove_tree(entry.path)
+                        removed += 1
+                    except OSError:
+                        pass
+        return removed
+
+
+class CgroupV1(CgroupDriver):
+    mode = "cgroup-v1"
+
+    def __init__(self, memory_root: str, pids_root: str, cpuacct_root: str | None) -> None:
+        super().__init__()
+        self.memory_root = memory_root
+        self.pids_root = pids_root
+        self.cpuacct_root = cpuacct_root
+
+    def roots(self) -> list[str]:
+        return [r for r in (self.memory_root, self.pids_root, self.cpuacct_root) if r]
+
+    def create(self, memory: int, pids: int) -> RunCgroup:
+        name = self.next_name()
+        dirs = {"memory": os.path.join(self.memory_root, name),
+                "pids": os.path.join(self.pids_root, name)}
+        if self.cpuacct_root:
+            dirs["cpuacct"] = os.path.join(self.cpuacct_root, name)
+        cg = RunCgroup(self, dirs)
+        try:
+            for path in dirs.values():
+                os.mkdir(path)
+            _write(os.path.join(dirs["memory"], "memory.limit_in_bytes"), str(memory))
+            _write(os.path.join(dirs["pids"], "pids.max"), str(pids))
+        except OSError as exc:
+            cg.remove()
+            raise SetupError(f"creating cgroup {name}: {exc}", stage="cgroup") from exc
+        return cg
+
+    def cpu_time(self, cg: RunCgroup) -> float | None:
+        path = cg.dirs.get("cpuacct")
+        if not path:
+            return None
+        return int(_read(os.path.join(path, "cpuacct.usage"))) / 1e9
+
+    def stats(self, cg: RunCgroup) -> CgroupStats:
+        mem = cg.dirs["memory"]
+        return CgroupStats(
+            memory_peak=int(_read(os.path.join(mem, "memory.max_usage_in_bytes"))),
+            oom_kills=_keyed(_read(os.path.join(mem, "memory.oom_control")), "oom_kill"),
+            pids_limit_hits=_keyed(_read(os.path.join(cg.dirs["pids"], "pids.events")), "max"),
+            cpu_time=self.cpu_time(cg),
+        )
+
+
+class CgroupV2(CgroupDriver):
+    mode = "cgroup-v2"
+
+    def __init__(self, root: str) -> None:
+        super().__init__()
+        self.root = root
+
+    def roots(self) -> list[str]:
+        return [self.root]
+
+    def enter(self) -> None:
+        """Move the calling process into a leaf of the delegated tree."""
+        leaf = os.path.join(self.root, f"helper-{os.getpid()}")
+        os.makedirs(leaf, exist_ok=True)
+        _write(os.path.join(leaf, "cgroup.procs"), "0")
+        controls = _read(os.path.join(self.root, "cgroup.subtree_control")).split()
+        missing = [c for c in ("memory", "pids") if c not in controls]
+        if missing:
+            _write(os.path.join(self.root, "cgroup.subtree_control"),
+                   " ".join(f"+{c}" for c in missing))
+
+    def create(self, memory: int, pids: int) -> RunCgroup:
+        name = self.next_name()
+        path = os.path.join(self.root, name)
+        cg = RunCgroup(self, {"unified": path})
+        try:
+            os.mkdir(path)
+            _write(os.path.join(path, "memory.max"), str(memory))
+            if os.path.exists(os.path.join(path, "memory.swap.max")):
+                _write(os.path.join(path, "memory.swap.max"), "0")
+            _write(os.path.join(path, "pids.max"), str(pids))
+        except OSError as exc:
+            cg.remove()
+            raise SetupError(f"creating cgroup {name}: {exc}", stage="cgroup") from exc
+        return cg
+
+    def cpu_time(self, cg: RunCgroup) -> float | None:
+        text = _read(os.path.join(cg.dirs["unified"], "cpu.stat"))
+        return _keyed(text, "usage_usec") / 1e6
+
+    def stats(self, cg: RunCgroup) -> CgroupStats:
+        path = cg.dirs["unified"]
+        peak_file = os.path.join(path, "memory.peak")
+        peak = int(_read(peak_file)) if os.path.exists(peak_file) else 0
+        return CgroupStats(
+            memory_peak=peak,
+            oom_kills=_keyed(_read(os.path.join(path, "memory.events")), "oom_kill"),
+            pids_limit_hits=_keyed(_read(os.path.join(path, "pids.events")), "max"),
+            cpu_time=self.cpu_time(cg),
+        )
+
+
+def _v2_usable(root: str) -> bool:
+    if not _writable_dir(root):
+        return False
+    try:
+        available = _read(os.path.join(root, "cgroup.controllers")).split()
+    except OSError:
+        return False
+    return "memory" in available and "pids" in available
+
+
+def _v1_controller_dir(v1_root: str, controller: str, name: str) -> str | None:
+    """<v1_root>/<mount containing controller>/<name>, if it is ours to write."""
+    if not os.path.isdir(v1_root):
+        return None
+    for entry in sorted(os.listdir(v1_root)):
+        if controller in entry.split(","):
+            path = os.path.join(v1_root, entry, name)
+            if _writable_dir(path):
+                return path
+    return None
+
+
+def detect(mode: str, *, v2_root: str, v1_root: str, name: str) -> CgroupDriver | None:
+    """The driver for `mode` (auto, v2, v1, none); None means rlimits only."""
+    if mode in ("auto", "v2") and _v2_usable(v2_root):
+        driver = CgroupV2(v2_root)
+        try:
+            driver.enter()
+            return driver
+        except OSError:
+            if mode == "v2":
+                raise SetupError(f"cannot enter delegated cgroup v2 tree {v2_root}",
+                                 stage="cgroup")
+    if mode in ("auto", "v1"):
+        memory = _v1_controller_dir(v1_root, "memory", name)
+        pids = _v1_controller_dir(v1_root, "pids", name)
+        if memory and pids:
+            return CgroupV1(memory, pids, _v1_controller_dir(v1_root, "cpuacct", name))
+    if mode in ("v1", "v2"):
+        raise SetupError(f"cgroup mode {mode} requested but no writable hierarchy found",
+                         stage="cgroup")
+    return None

@@ -1,0 +1,226 @@
+"""Code that runs inside a new container: its init (pid 1) and the payload's last steps.
+
+The helper clones a child into fresh user, mount, pid, ipc, uts and net namespaces; that child
+runs `init_main`. Start order (after runc's init; each step names its stage on failure):
+  wait for the id maps -> rootfs (overlay, /proc, /dev, tmpfs, binds, pivot_root) -> hostname
+  -> network (loopback up) -> stdio -> rlimits -> cgroup join -> cgroup namespace -> drop the
+  capability bounding set -> uid/gid -> not dumpable -> workdir -> close every fd but 0-2 ->
+  no_new_privs -> seccomp -> spawn the payload (setsid, default signals) -> execve.
+Init drops its own privileges and loads the filter itself, then starts the payload with
+posix_spawn (vfork-fast, no copy of a Python process): everything is inherited. Seccomp comes
+last because every call after it is filtered: loading it earlier would force the profile to
+allow the setup calls (mount, setuid, prctl) that it exists to forbid.
+
+Init stays as pid 1, unprivileged and filtered like the payload, and not dumpable so the
+payload cannot write into it. It reaps every orphan; when the payload exits it kills everything
+left in the namespace (a double-forked or setsid'd child included), reaps it, and reports the
+wait status and rusage of the whole tree on the status pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+
+import msgspec
+
+from sandbox import syscalls as sc
+from sandbox.network import bring_up_loopback
+from sandbox.rootfs import RootfsPlan, build_root
+
+SETUP_FAILED_EXIT = 125
+RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU, signal.SIGINT, signal.SIGTERM,
+                 signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
+"""Python ignores or handles these; the payload must start with the default dispositions."""
+
+
+class PayloadPlan(msgspec.Struct, frozen=True):
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    workdir: str
+    uid: int
+    gid: int
+    rlimits: tuple[tuple[int, int, int], ...]
+    hostname: str
+    address_space_limit: int = 0
+    """RLIMIT_AS for the payload alone (rlimit mode); 0 when a cgroup limits memory."""
+
+
+class StatusMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One line on the status pipe, from init or the payload, to the helper."""
+
+    kind: str  # "setup_error" or "exit"
+    stage: str = ""
+    message: str = ""
+    wait_status: int = 0
+    cpu_time: float = 0.0
+    max_rss: int = 0
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def _report(fd: int, msg: StatusMessage) -> None:
+    try:
+        os.write(fd, _encoder.encode(msg) + b"\n")
+    except OSError:
+        pass
+
+
+def _close_all_except(keep: set[int]) -> None:
+    low = 3
+    for fd in sorted(f for f in keep if f >= 3):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
+def _resolve(argv0: str, env: dict[str, str]) -> str:
+    if "/" in argv0:
+        return argv0
+    for directory in env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":"):
+        candidate = os.path.join(directory or ".", argv0)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return argv0
+
+
+def _drop_to_payload(plan: PayloadPlan, stdio: tuple[int, int, int],
+                     cgroup_fds: tuple[int, ...], status_fd: int,
+                     program: sc.SeccompProgram | None) -> str:
+    """Turn this process (init) into the payload's unprivileged, filtered parent.
+
+    Everything here is inherited by the payload; init keeps only the right to wait for it.
+    Returns the resolved executable path. Raises with `stage` set on the exception.
+    """
+    stage = "stdio"
+    try:
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target, inheritable=True)
+        stage = "rlimits"
+        for which, soft, hard in plan.rlimits:
+            resource.setrlimit(which, (soft, hard))
+        stage = "cgroup"
+        for fd in cgroup_fds:
+            os.write(fd, b"0")
+        if cgroup_fds:
+            sc.unshare(sc.CLONE_NEWCGROUP)
+        stage = "capabilities"
+        for cap in range(sc.last_cap() + 1):
+            sc.prctl(sc.PR_CAPBSET_DROP, cap)
+        sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_CLEAR_ALL)
+        stage = "user"
+        try:
+            os.setgroups([plan.gid])
+        except PermissionError:
+            pass  # single-id mode: the namespace denies setgroups; nothing to drop
+        os.setresgid(plan.gid, plan.gid, plan.gid)
+        os.setresuid(plan.uid, plan.uid, plan.uid)
+        sc.capset_empty()
+        # Not dumpable: the payload runs as the same uid and must not ptrace or write
+        # /proc/1/mem to forge init's report.
+        sc.prctl(sc.PR_SET_DUMPABLE, 0)
+        stage = "workdir"
+        os.chdir(plan.workdir)
+        stage = "fds"
+        path = _resolve(plan.argv[0], plan.env)
+        os.set_inheritable(status_fd, False)
+        _close_all_except({status_fd})
+        stage = "no_new_privs"
+        sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        stage = "seccomp"
+        if program is not None:
+            program.load()
+        return path
+    except Exception as exc:
+        exc.stage = stage  # type: ignore[attr-defined]
+        raise
+
+
+def _start_payload(plan: PayloadPlan, path: str) -> int:
+    """Start the payload as init's only child, in a new session, default signals."""
+    if plan.address_space_limit:
+        # rlimit mode: RLIMIT_AS can only go on the payload itself, so fork and set it there.
+        child = os.fork()
+        if child == 0:
+            try:
+                os.setsid()
+                resource.setrlimit(resource.RLIMIT_AS, (plan.address_space_limit,) * 2)
+                for sig in RESET_SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                os.execve(path, list(plan.argv), plan.env)
+            except OSError as exc:
+                _exec_failed(plan, exc)
+            os._exit(126)
+        return child
+    try:
+        return os.posix_spawn(path, list(plan.argv), plan.env, setsid=True,
+                              setsigdef=RESET_SIGNALS, setsigmask=())
+    except OSError as exc:
+        # posix_spawn reports exec failures here; mimic a shell: message and 126/127.
+        child = os.fork()
+        if child == 0:
+            _exec_failed(plan, exc)
+        return child
+
+
+def _exec_failed(plan: PayloadPlan, exc: OSError) -> None:
+    code = 127 if isinstance(exc, FileNotFoundError) else 126
+    try:
+        os.write(2, f"sbx: {plan.argv[0]}: {exc.strerror}\n".encode(errors="replace"))
+    finally:
+        os._exit(code)
+
+
+def init_main(*, sync_fd: int, status_fd: int, stdio: tuple[int, int, int],
+              cgroup_fds: tuple[int, ...], rootfs: RootfsPlan, payload: PayloadPlan,
+              program: sc.SeccompProgram | None) -> None:
+    """Body of the cloned child. Never returns."""
+    stage = "init"
+    try:
+        # If the helper is already gone the sync read below sees EOF and we stop there.
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        _close_all_except({sync_fd, status_fd, *stdio, *cgroup_fds})
+        stage = "userns"
+        if os.read(sync_fd, 1) != b"1":
+            os._exit(SETUP_FAILED_EXIT)
+        os.close(sync_fd)
+        stage = "rootfs"
+        build_root(rootfs)
+        stage = "hostname"
+        sc.sethostname(payload.hostname)
+        stage = "network"
+        bring_up_loopback()
+        path = _drop_to_payload(payload, stdio, cgroup_fds, status_fd, program)
+        stage = "exec"
+        child = _start_payload(payload, path)
+    except Exception as exc:  # noqa: BLE001 - every failure is a named setup stage
+        stage = getattr(exc, "stage", stage)
+        _report(status_fd, StatusMessage("setup_error", stage=stage, message=str(exc)))
+        os._exit(SETUP_FAILED_EXIT)
+    _reap_until(child, status_fd)
+
+
+def _reap_until(child: int, status_fd: int) -> None:
+    payload_status = None
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid == child:
+            payload_status = status
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    _report(status_fd, StatusMessage(
+        "exit", wait_status=payload_status or 0,
+        cpu_time=usage.ru_utime + usage.ru_stime, max_rss=usage.ru_maxrss * 1024))
+    os._exit(0)

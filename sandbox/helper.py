@@ -1,0 +1,433 @@
+"""The runtime's helper process: holder of the user namespace, launcher and monitor of runs.
+
+Started once per Runtime as a small fresh interpreter, it unshares a user and mount namespace,
+waits for the runtime to map its subuid range (newuidmap), makes its mounts private and puts a
+tmpfs over the scratch directory, so every run's files live in memory of this namespace only:
+if the helper dies, its mount namespace and every run's data go with it.
+
+Per run it mounts a size-capped tmpfs (upper dir, work dir, work directory, stdin), creates the
+run's cgroup, clones the container (sandbox.container.init_main), writes the nested id maps,
+and then watches, in one selector loop shared by all runs: stdout/stderr pipes (capped, always
+drained), the status pipe, a pidfd for the exit, the wall deadline and the cgroup's CPU usage.
+When the container's init exits the kernel has already killed and reaped everything in its pid
+namespace, so the helper can safely copy files out, read the cgroup and unmount.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import math
+import os
+import resource
+import selectors
+import signal
+import socket
+import sys
+import time
+
+import msgspec
+
+from sandbox import cgroups, copyio, seccomp, upperdiff, userns
+from sandbox import syscalls as sc
+from sandbox.config import RuntimeSettings
+from sandbox.errors import SetupError
+from sandbox.container import PayloadPlan, StatusMessage, init_main
+from sandbox.protocol import (ErrorReply, FrameBuffer, Hello, KillRequest, Mapped, Ready,
+                              RunReply, RunRequest, encode, recv_message)
+from sandbox.rootfs import Bind, RootfsPlan, prepare_dev_template
+from sandbox.spec import MiB, RunResult, RunSpec, Verdict
+from sandbox.verdict import Observation, decide
+
+CONTAINER_FLAGS = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC
+                   | sc.CLONE_NEWUTS | sc.CLONE_NEWNET)
+CPU_POLL_INTERVAL = 0.02
+"""Seconds between reads of a run's cgroup CPU usage."""
+READ_CHUNK = 1 << 16
+STDERR_TAIL = 4096
+
+
+class ActiveRun:
+    """Book-keeping of one container between clone and reply."""
+
+    def __init__(self, key: str, spec: RunSpec, run_dir: str, diff_tar: str | None) -> None:
+        self.key = key
+        self.spec = spec
+        self.run_dir = run_dir
+        self.diff_tar = diff_tar
+        self.pid = 0
+        self.pidfd = -1
+        self.started = 0.0
+        self.deadline = 0.0
+        self.next_cpu_poll = 0.0
+        self.cgroup: cgroups.RunCgroup | None = None
+        self.out = {1: bytearray(), 2: bytearray()}
+        self.truncated = {1: False, 2: False}
+        self.pipes: dict[int, int] = {}  # read fd -> stream number (1, 2) or 0 for status
+        self.status = bytearray()
+        self.killed_for: str | None = None
+
+    def kill(self, reason: str) -> None:
+        if self.killed_for is None:
+            self.killed_for = reason
+        if self.pidfd >= 0:
+            sc.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+
+def _rlimits(spec: RunSpec) -> tuple[tuple[int, int, int], ...]:
+    lim = spec.limits
+    cpu = max(1, math.ceil(lim.cpu_time))
+    out = [
+        (resource.RLIMIT_CPU, cpu, cpu + 1),
+        (resource.RLIMIT_FSIZE, lim.file_size, lim.file_size),
+        (resource.RLIMIT_NOFILE, lim.open_files, lim.open_files),
+        (resource.RLIMIT_STACK, lim.stack, lim.stack),
+        (resource.RLIMIT_CORE, 0, 0),
+        # +1: init runs as the payload's uid and counts against the same limit
+        (resource.RLIMIT_NPROC, lim.pids + 1, lim.pids + 1),
+    ]
+    return tuple(out)
+
+
+class Helper:
+    def __init__(self, sock: socket.socket, settings: RuntimeSettings,
+                 mapping: userns.IdMapping) -> None:
+        self.sock = sock
+        self.settings = settings
+        self.mapping = mapping
+        self.selector = selectors.DefaultSelector()
+        self.runs: dict[str, ActiveRun] = {}
+        self.by_fd: dict[int, ActiveRun] = {}
+        self.frames = FrameBuffer()
+        self.programs = seccomp.compile_all()
+        self.cgroup = cgroups.detect(settings.cgroup_mode, v2_root=settings.cgroup_v2_root,
+                                     v1_root=settings.cgroup_v1_root, name=settings.cgroup_name)
+        if self.cgroup:
+            self.cgroup.clean_stale()
+        self.scratch = settings.scratch_dir
+        self.dev_template = os.path.join(self.scratch, "dev")
+        os.mkdir(self.dev_template, 0o755)
+        prepare_dev_template(self.dev_template)
+        self.seq = 0
+
+    def info(self) -> dict[str, str]:
+        return {"limits_mode": self.cgroup.mode if self.cgroup else "rlimit",
+                "userns": self.mapping.mode, "helper_pid": str(os.getpid()),
+                "max_container_id": str(self.mapping.max_id),
+                "seccomp_profiles": ",".join(sorted(self.programs))}
+
+    # -- loop ---------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.sock.setblocking(False)
+        self.selector.register(self.sock, selectors.EVENT_READ, None)
+        while True:
+            timeout = self._next_timeout()
+            for key, _ in self.selector.select(timeout):
+                if key.fileobj is self.sock:
+                    if not self._read_requests():
+                        return
+                else:
+                    self._on_fd(key.fd)
+            self._check_timers()
+
+    def _next_timeout(self) -> float | None:
+        if not self.runs:
+            return None
+        now = time.monotonic()
+        soonest = min(min(r.deadline, r.next_cpu_poll) for r in self.runs.values())
+        return max(0.0, soonest - now)
+
+    def _read_requests(self) -> bool:
+        try:
+            chunk = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            self._shutdown()
+            return False
+        for msg in self.frames.feed(chunk):
+            if isinstance(msg, RunRequest):
+                self._start(msg)
+            elif isinstance(msg, KillRequest):
+                run = self.runs.get(msg.key)
+                if run:
+                    run.kill("cancel")
+        return True
+
+    def _send(self, msg) -> None:
+        data = encode(msg)
+        self.sock.setblocking(True)
+        try:
+            self.sock.sendall(data)
+        finally:
+            self.sock.setblocking(False)
+
+    def _shutdown(self) -> None:
+        for run in list(self.runs.values()):
+            run.kill("cancel")
+
+    def _check_timers(self) -> None:
+        now = time.monotonic()
+        for run in list(self.runs.values()):
+            if run.killed_for is not None:
+                continue
+            if now >= run.deadline:
+                run.kill("wall")
+            elif now >= run.next_cpu_poll:
+                run.next_cpu_poll = now + CPU_POLL_INTERVAL
+                used = run.cgroup.cpu_time() if run.cgroup else None
+                if used is not None and used > run.spec.limits.cpu_time:
+                    run.kill("cpu")
+
+    # -- start --------------------------------------------------------------------------------
+
+    def _start(self, req: RunRequest) -> None:
+        self.seq += 1
+        run = ActiveRun(req.key, req.spec, os.path.join(self.scratch, f"r{self.seq}"),
+                        req.diff_tar)
+        try:
+            self._launch(run, req)
+        except Exception as exc:  # noqa: BLE001 - reported as SETUP_ERROR of this run
+            stage = getattr(exc, "stage", "prepare")
+            if run.pid:
+                run.kill("cancel")
+                os.waitpid(run.pid, 0)
+            self._cleanup(run)
+            self._send(RunReply(req.key, RunResult(verdict=Verdict.SETUP_ERROR, stage=stage,
+                                                   message=str(exc))))
+
+    def _launch(self, run: ActiveRun, req: RunRequest) -> None:
+        spec = req.spec
+        lim = spec.limits
+        os.mkdir(run.run_dir, 0o700)
+        sc.mount("tmpfs", run.run_dir, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
+                 f"size={lim.disk + len(spec.stdin) + MiB},mode=0700")
+        for name in ("upper", "work", "root", "box"):
+            os.mkdir(os.path.join(run.run_dir, name), 0o755)
+        box = os.path.join(run.run_dir, "box")
+        os.chown(box, spec.uid, spec.gid)
+        copyio.copy_in(box, spec.files, spec.uid, spec.gid)
+        stdin_path = os.path.join(run.run_dir, "stdin")
+        with open(stdin_path, "wb") as f:
+            f.write(spec.stdin)
+        fds: list[int] = []
+        try:
+            stdin_fd = os.open(stdin_path, os.O_RDONLY | os.O_CLOEXEC)
+            fds.append(stdin_fd)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            status_r, status_w = os.pipe2(os.O_CLOEXEC)
+            sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+            fds += [out_w, err_w, status_w, sync_r]
+            cg_fds: tuple[int, ...] = ()
+            if self.cgroup:
+                run.cgroup = self.cgroup.create(lim.memory, lim.pids + 1)  # +1: init
+                cg_fds = tuple(os.open(p, os.O_WRONLY | os.O_CLOEXEC)
+                               for p in run.cgroup.procs_files)
+                fds += cg_fds
+            rootfs = RootfsPlan(
+                run_dir=run.run_dir, dev_template=self.dev_template, layers=req.rootfs.layers,
+                binds=(Bind(box, spec.workdir), *req.binds),
+                tmp_size=lim.disk, shm_size=min(lim.disk, 64 * MiB),
+                read_only_root=spec.read_only_root)
+            payload = PayloadPlan(argv=tuple(spec.cmd), env=dict(spec.env), workdir=spec.workdir,
+                                  uid=spec.uid, gid=spec.gid,
+                                  rlimits=_rlimits(spec),
+                                  hostname=spec.hostname,
+                                  address_space_limit=0 if self.cgroup else lim.memory)
+            program = self.programs[spec.seccomp]
+            pid = sc.clone(CONTAINER_FLAGS)
+            if pid == 0:
+                try:
+                    init_main(sync_fd=sync_r, status_fd=status_w,
+                              stdio=(stdin_fd, out_w, err_w), cgroup_fds=cg_fds,
+                              rootfs=rootfs, payload=payload, program=program)
+                finally:
+                    os._exit(125)
+            run.pid = pid
+            run.pidfd = sc.pidfd_open(pid)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            userns.write_nested_maps(pid, self.mapping)
+        except OSError as exc:
+            os.close(sync_w)
+            for fd in (out_r, err_r, status_r):
+                os.close(fd)
+            raise SetupError(f"writing nested id maps: {exc}", stage="userns") from exc
+        os.write(sync_w, b"1")
+        os.close(sync_w)
+        now = time.monotonic()
+        run.started = now
+        run.deadline = now + lim.wall_time
+        run.next_cpu_poll = now + CPU_POLL_INTERVAL
+        self.runs[run.key] = run
+        for fd, stream in ((out_r, 1), (err_r, 2), (status_r, 0)):
+            os.set_blocking(fd, False)
+            run.pipes[fd] = stream
+            self.by_fd[fd] = run
+            self.selector.register(fd, selectors.EVENT_READ, None)
+        self.by_fd[run.pidfd] = run
+        self.selector.register(run.pidfd, selectors.EVENT_READ, None)
+
+    # -- progress -----------------------------------------------------------------------------
+
+    def _on_fd(self, fd: int) -> None:
+        run = self.by_fd.get(fd)
+        if run is None:
+            return
+        if fd == run.pidfd:
+            self._finish(run)
+        else:
+            self._drain(run, fd, once=True)
+
+    def _drain(self, run: ActiveRun, fd: int, *, once: bool) -> None:
+        stream = run.pipes[fd]
+        while True:
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self._close_pipe(run, fd)
+                return
+            if stream == 0:
+                run.status += chunk[: 65536 - len(run.status)]
+            else:
+                self._keep_output(run, stream, chunk)
+            if once:
+                return
+
+    def _keep_output(self, run: ActiveRun, stream: int, chunk: bytes) -> None:
+        buf = run.out[stream]
+        room = run.spec.limits.output - len(buf)
+        if len(chunk) > room:
+            buf += chunk[:max(room, 0)]
+            run.truncated[stream] = True
+            run.kill("output")
+        else:
+            buf += chunk
+
+    def _close_pipe(self, run: ActiveRun, fd: int) -> None:
+        self.selector.unregister(fd)
+        del self.by_fd[fd]
+        del run.pipes[fd]
+        os.close(fd)
+
+    # -- finish -------------------------------------------------------------------------------
+
+    def _finish(self, run: ActiveRun) -> None:
+        os.waitpid(run.pid, 0)
+        wall = time.monotonic() - run.started
+        for fd in list(run.pipes):
+            self._drain(run, fd, once=False)
+        self.selector.unregister(run.pidfd)
+        del self.by_fd[run.pidfd]
+        os.close(run.pidfd)
+        run.pidfd = -1
+        del self.runs[run.key]
+        try:
+            result = self._result(run, wall)
+        except Exception as exc:  # noqa: BLE001
+            result = RunResult(verdict=Verdict.INTERNAL_ERROR, message=f"collecting result: {exc}")
+        finally:
+            self._cleanup(run)
+        self._send(RunReply(run.key, result))
+
+    def _result(self, run: ActiveRun, wall: float) -> RunResult:
+        messages = [msgspec.json.decode(line, type=StatusMessage)
+                    for line in bytes(run.status).splitlines() if line.strip()]
+        setup = next((m for m in messages if m.kind == "setup_error"), None)
+        exit_msg = next((m for m in messages if m.kind == "exit"), None)
+        limits = run.spec.limits
+        stats = run.cgroup.stats() if run.cgroup else cgroups.CgroupStats()
+        mode = self.cgroup.mode if self.cgroup else "rlimit"
+        common = dict(stdout=bytes(run.out[1]), stderr=bytes(run.out[2]),
+                      stdout_truncated=run.truncated[1], stderr_truncated=run.truncated[2],
+                      wall_time=round(wall, 6), limits_mode=mode)
+        if setup is not None:
+            return RunResult(verdict=Verdict.SETUP_ERROR, stage=setup.stage,
+                             message=setup.message, **common)
+        if exit_msg is None:
+            if run.killed_for in ("wall", "cancel", "output", "cpu"):
+                # Killed before init could report: the payload never finished setting up.
+                exit_msg = StatusMessage("exit", wait_status=signal.SIGKILL)
+            else:
+                return RunResult(verdict=Verdict.INTERNAL_ERROR,
+                                 message="container init died without a report", **common)
+        cpu = stats.cpu_time if stats.cpu_time is not None else exit_msg.cpu_time
+        memory = stats.memory_peak if run.cgroup else exit_msg.max_rss
+        verdict, exit_code, sig = decide(Observation(
+            wait_status=exit_msg.wait_status, killed_for=run.killed_for, cpu_time=cpu,
+            cpu_limit=limits.cpu_time, memory_peak=memory, memory_limit=limits.memory,
+            oom_kills=stats.oom_kills, pids_limit_hits=stats.pids_limit_hits,
+            cgroup=run.cgroup is not None, stderr_tail=bytes(run.out[2][-STDERR_TAIL:])))
+        files, problems = {}, []
+        box = os.path.join(run.run_dir, "box")
+        if run.spec.copy_out:
+            files, problems = copyio.copy_out(box, list(run.spec.copy_out), limits.output)
+        if run.diff_tar:
+            upperdiff.write_layer(os.path.join(run.run_dir, "upper"), run.diff_tar)
+        message = "cancelled" if run.killed_for == "cancel" else ""
+        if problems:
+            message = "; ".join(filter(None, [message, *problems]))
+        return RunResult(verdict=verdict, exit_code=exit_code, signal=sig,
+                         cpu_time=round(cpu, 6), memory=memory, files=files, message=message,
+                         **common)
+
+    def _cleanup(self, run: ActiveRun) -> None:
+        for fd in list(run.pipes):
+            self._close_pipe(run, fd)
+        if run.pidfd >= 0:
+            os.close(run.pidfd)
+            run.pidfd = -1
+        if run.cgroup:
+            try:
+                run.cgroup.remove()
+            except OSError:
+                pass
+        try:
+            sc.umount2(run.run_dir, sc.MNT_DETACH)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
+        try:
+            os.rmdir(run.run_dir)
+        except FileNotFoundError:
+            pass
+
+
+def _enter_namespace(sock: socket.socket, settings: RuntimeSettings) -> userns.IdMapping:
+    mapping = userns.plan_mapping(settings.userns)
+    sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
+    sock.sendall(encode(Hello(os.getpid())))
+    reply = recv_message(sock)
+    if not isinstance(reply, Mapped) or not reply.ok:
+        raise SystemExit(f"sbx helper: id mapping failed: {getattr(reply, 'message', '')}")
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    sc.mount("tmpfs", settings.scratch_dir, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
+             "size=1m,mode=0700")
+    return mapping
+
+
+def main() -> None:
+    fd = int(sys.argv[1])
+    settings = msgspec.json.decode(sys.argv[2].encode(), type=RuntimeSettings)
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    sock = socket.socket(fileno=fd)
+    mapping = _enter_namespace(sock, settings)
+    helper = Helper(sock, settings, mapping)
+    # Every clone copies this process; a collector walking the heap would dirty its pages in
+    # each container's init. Freeze what exists and leave the rest to reference counting.
+    gc.freeze()
+    gc.disable()
+    sock.sendall(encode(Ready(helper.info())))
+    helper.serve()
+
+
+if __name__ == "__main__":
+    main()

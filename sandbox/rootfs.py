@@ -1,0 +1,142 @@
+"""The container's filesystem: overlay root, /proc, minimal /dev, tmpfs, binds, pivot_root.
+
+Runs inside the run's fresh user and mount namespaces (as namespace root), before any
+untrusted code exists, so nothing here races with the sandboxed program. Mount targets are
+still created component by component with lstat checks: an image that ships a symlink where a
+mount point should be gets a SETUP_ERROR, never a mount somewhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import msgspec
+
+from sandbox import syscalls as sc
+from sandbox.errors import SetupError
+
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+             "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
+MASKED_FILES = ("proc/keys", "proc/sysrq-trigger")
+"""World-readable or -writable host-wide files. The rest of runc's masked list (kcore,
+timer_list, sched_debug, ...) is mode 0400 root-of-the-host, which no id in our user namespace
+can open, so masking them again would only cost mounts."""
+READ_ONLY = ("proc/sys",)
+"""/proc/sys holds the run's own network namespace sysctls, writable by in-container root."""
+NOSUID_NODEV = sc.MS_NOSUID | sc.MS_NODEV
+
+
+class Bind(msgspec.Struct, frozen=True):
+    """A host directory bound into the container at an absolute path."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+
+class RootfsPlan(msgspec.Struct, frozen=True):
+    run_dir: str
+    dev_template: str
+    layers: tuple[str, ...]
+    binds: tuple[Bind, ...]
+    tmp_size: int
+    shm_size: int
+    read_only_root: bool
+
+    @property
+    def root(self) -> str:
+        return os.path.join(self.run_dir, "root")
+
+
+def ensure_dir(root: str, path: str, mode: int = 0o755) -> str:
+    """Create `path` (absolute, inside the container) under `root` without following links."""
+    current = root
+    for part in [p for p in path.split("/") if p]:
+        if part in (".", ".."):
+            raise SetupError(f"mount target {path!r} has '..'", stage="rootfs")
+        current = os.path.join(current, part)
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            os.mkdir(current, mode)
+            continue
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise SetupError(f"mount target {path!r} is not a directory in the image",
+                             stage="rootfs")
+    return current
+
+
+def _ensure_file(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise SetupError(f"{path} is not a regular file", stage="rootfs")
+
+
+def prepare_dev_template(path: str) -> None:
+    """Build, once per helper, the /dev every run gets: a small tmpfs holding bind mounts of
+    the host's harmless character devices, the usual symlinks and empty pts/ and shm/.
+    Runs get a read-only recursive bind of it (two mounts instead of nine) plus their own
+    /dev/shm tmpfs, so nothing written by one run is seen by another."""
+    sc.mount("tmpfs", path, "tmpfs", NOSUID_NODEV | sc.MS_NOEXEC, "mode=0755,size=64k")
+    for name in DEVICES:
+        target = os.path.join(path, name)
+        _ensure_file(target)
+        sc.mount(f"/dev/{name}", target, None, sc.MS_BIND)
+    for name, dest in DEV_LINKS.items():
+        os.symlink(dest, os.path.join(path, name))
+    os.mkdir(os.path.join(path, "pts"))
+    os.mkdir(os.path.join(path, "shm"))
+
+
+def _mount_dev(root: str, template: str, shm_size: int) -> None:
+    dev = ensure_dir(root, "/dev")
+    sc.mount(template, dev, None, sc.MS_BIND | sc.MS_REC)
+    sc.mount(None, dev, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | NOSUID_NODEV
+             | sc.MS_NOEXEC)
+    sc.mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", NOSUID_NODEV,
+             f"mode=1777,size={shm_size}")
+
+
+def _mask_proc(root: str) -> None:
+    null = os.path.join(root, "dev/null")
+    for rel in MASKED_FILES:
+        path = os.path.join(root, rel)
+        if os.path.exists(path):
+            sc.mount(null, path, None, sc.MS_BIND)
+    for rel in READ_ONLY:
+        path = os.path.join(root, rel)
+        if os.path.isdir(path):
+            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+            sc.mount(None, path, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | NOSUID_NODEV
+                     | sc.MS_NOEXEC)
+
+
+def build_root(plan: RootfsPlan) -> None:
+    """Mount everything under plan.root and pivot into it. Stage name: rootfs."""
+    root = plan.root
+    lower = ":".join(reversed(plan.layers))
+    upper, work = os.path.join(plan.run_dir, "upper"), os.path.join(plan.run_dir, "work")
+    sc.mount("overlay", root, "overlay", NOSUID_NODEV,
+             f"lowerdir={lower},upperdir={upper},workdir={work},userxattr")
+    sc.mount("proc", ensure_dir(root, "/proc"), "proc", NOSUID_NODEV | sc.MS_NOEXEC)
+    _mount_dev(root, plan.dev_template, plan.shm_size)
+    tmp = ensure_dir(root, "/tmp")
+    sc.mount("tmpfs", tmp, "tmpfs", NOSUID_NODEV, f"mode=1777,size={plan.tmp_size}")
+    for bind in plan.binds:
+        target = ensure_dir(root, bind.target)
+        sc.mount(bind.source, target, None, sc.MS_BIND)
+        if bind.read_only:
+            sc.mount(None, target, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | NOSUID_NODEV)
+    _mask_proc(root)
+    os.chdir(root)
+    sc.pivot_root(".", ".")
+    sc.umount2(".", sc.MNT_DETACH)
+    os.chdir("/")
+    if plan.read_only_root:
+        sc.mount(None, "/", None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | NOSUID_NODEV)
