@@ -74,8 +74,12 @@ class ActiveRun:
             sc.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
 
-def _rlimits(spec: RunSpec) -> tuple[tuple[int, int, int], ...]:
+def _rlimits(spec: RunSpec, use_cgroup: bool) -> tuple[tuple[int, int, int], ...]:
     lim = spec.limits
+    # RLIMIT_NPROC counts per uid of the run's own user namespace, init included (+1). With a
+    # pids cgroup it is only a backstop, set above pids.max so the cgroup (whose events say
+    # "limit hit") trips first.
+    nproc = lim.pids + 1 if not use_cgroup else 2 * lim.pids + 1
     cpu = max(1, math.ceil(lim.cpu_time))
     out = [
         (resource.RLIMIT_CPU, cpu, cpu + 1),
@@ -83,8 +87,7 @@ def _rlimits(spec: RunSpec) -> tuple[tuple[int, int, int], ...]:
         (resource.RLIMIT_NOFILE, lim.open_files, lim.open_files),
         (resource.RLIMIT_STACK, lim.stack, lim.stack),
         (resource.RLIMIT_CORE, 0, 0),
-        # +1: init runs as the payload's uid and counts against the same limit
-        (resource.RLIMIT_NPROC, lim.pids + 1, lim.pids + 1),
+        (resource.RLIMIT_NPROC, nproc, nproc),
     ]
     return tuple(out)
 
@@ -233,7 +236,7 @@ class Helper:
                 read_only_root=spec.read_only_root)
             payload = PayloadPlan(argv=tuple(spec.cmd), env=dict(spec.env), workdir=spec.workdir,
                                   uid=spec.uid, gid=spec.gid,
-                                  rlimits=_rlimits(spec),
+                                  rlimits=_rlimits(spec, self.cgroup is not None),
                                   hostname=spec.hostname,
                                   address_space_limit=0 if self.cgroup else lim.memory)
             program = self.programs[spec.seccomp]

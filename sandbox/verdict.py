@@ -15,6 +15,10 @@ from sandbox.spec import Verdict
 
 MEMORY_ERROR_MARKERS = (b"MemoryError", b"std::bad_alloc", b"Cannot allocate memory",
                         b"out of memory", b"Out of memory")
+"""rlimit mode only: how a failed allocation under RLIMIT_AS shows on stderr."""
+FORK_ERROR_MARKERS = (b"can't fork", b"Cannot fork", b"can't start new thread",
+                      b"Resource temporarily unavailable", b"fork: retry")
+"""rlimit mode only: how a fork refused by RLIMIT_NPROC shows on stderr."""
 
 
 class Observation(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,7 +50,8 @@ def decide(obs: Observation) -> tuple[Verdict, int | None, int | None]:
             obs.memory_peak >= 0.8 * obs.memory_limit
             or any(m in obs.stderr_tail for m in MEMORY_ERROR_MARKERS)):
         return Verdict.MEMORY_LIMIT, exit_code, sig
-    if obs.pids_limit_hits > 0 and not clean:
+    if not clean and (obs.pids_limit_hits > 0 or (
+            not obs.cgroup and any(m in obs.stderr_tail for m in FORK_ERROR_MARKERS))):
         return Verdict.PROCESS_LIMIT, exit_code, sig
     if obs.killed_for == "cpu" or sig == signal.SIGXCPU or obs.cpu_time > obs.cpu_limit:
         return Verdict.TIME_LIMIT, exit_code, sig

@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.registry",
     "tests.fixtures.rootfs",
     "tests.fixtures.settings",
+    "tests.fixtures.runtime",
 ]
 
 
