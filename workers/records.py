@@ -19,7 +19,7 @@ from rq.results import Result
 
 from workers.jobclass import SbxJob
 from workers.protocol import Outcome, decode_outcome
-from workers.queues import JOB_ID_PATTERN, cancel_key, control_key
+from workers.queues import JOB_ID_PATTERN, cancel_key, control_key, worker_key
 from workers.serializer import MsgpackSerializer
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -75,7 +75,22 @@ def _status(job: SbxJob, outcome: Outcome | None, cancelled: bool) -> RunStatus:
 
 
 def load(connection: redis.Redis, run_id: str) -> RunRecord | None:
-    """The run `run_id`, or None when it does not exist (or has expired)."""
+    """The run `run_id`, or None when it does not exist (or has expired).
+
+    A run shown as running whose worker has stopped beating is failed on the spot (the same
+    sweep every worker runs), so a reader never sees a dead run as "running".
+    """
+    record = _load(connection, run_id)
+    if record is not None and record.status == RunStatus.RUNNING and record.worker:
+        if not connection.exists(worker_key(record.worker)):
+            from workers.liveness import sweep_abandoned
+
+            sweep_abandoned(connection)
+            record = _load(connection, run_id)
+    return record
+
+
+def _load(connection: redis.Redis, run_id: str) -> RunRecord | None:
     if not _JOB_ID.match(run_id):
         return None
     try:

@@ -53,6 +53,10 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
             values["self_test"] = False
         if env.get("SBX_SELF_TEST_IMAGE"):
             values["self_test_image"] = env["SBX_SELF_TEST_IMAGE"]
+        if env.get("SBX_HEARTBEAT_INTERVAL"):
+            values["heartbeat_interval"] = float(env["SBX_HEARTBEAT_INTERVAL"])
+        if env.get("SBX_JANITOR_INTERVAL"):
+            values["janitor_interval"] = float(env["SBX_JANITOR_INTERVAL"])
         if env.get("SBX_USER"):
             values["user"] = env["SBX_USER"]
         values.update(overrides)

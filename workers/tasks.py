@@ -11,6 +11,7 @@ runtime's message. The worker process binds its context (runtime, images, Redis)
 from __future__ import annotations
 
 import bisect
+import inspect
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,7 +20,7 @@ import msgspec
 import redis
 from rq import get_current_job
 
-from sandbox.errors import SandboxError
+from sandbox.errors import ImageError, SandboxError
 from sandbox.spec import Verdict, validate_spec
 from workers.images import ImageResolver
 from workers.protocol import JobError, Outcome, decode_pull_job, decode_run_job, encode
@@ -65,7 +66,8 @@ def _ctx() -> WorkerContext:
 
 
 def _error(exc: SandboxError) -> JobError:
-    return JobError(code=exc.code, message=exc.message, status=exc.status, field=exc.field)
+    field = exc.field or ("image" if isinstance(exc, ImageError) else None)
+    return JobError(code=exc.code, message=exc.message, status=exc.status, field=field)
 
 
 def _finish(ctx: WorkerContext, outcome: Outcome, enqueued_at: datetime | None) -> bytes:
@@ -133,10 +135,13 @@ def run(payload: bytes) -> bytes:
                 Outcome(error=JobError(code="cancelled", message="cancelled before it started", status=409)),
                 enqueued_at,
             )
-        rootfs, _info = ctx.images.resolve(request.image)
+        image = ctx.images.resolve(request.image)
+        spec = request.spec
+        if image.env:
+            spec = msgspec.structs.replace(spec, env={**image.env, **spec.env})
         if run_id in ctx.killed:
             raise _Cancelled()
-        result = _run_with_key(ctx.runtime, request.spec, rootfs, run_id)
+        result = _run_with_key(ctx.runtime, spec, image.rootfs, run_id)
         outcome = Outcome(result=result, worker=ctx.name)
     except _Cancelled:
         outcome = Outcome(error=JobError(code="cancelled", message="cancelled before it started", status=409))
@@ -154,10 +159,17 @@ class _Cancelled(Exception):
 
 
 def _run_with_key(runtime, spec, rootfs, run_id: str):
-    """Call the runtime, passing the run key when it accepts one (so kill(run_id) finds it)."""
-    if getattr(runtime, "accepts_run_key", False):
-        return runtime.run(spec, rootfs, run_key=run_id)
+    """Call the runtime with the run id as its key, so `runtime.kill(run_id)` finds the run."""
+    if run_id and _accepts_key(runtime):
+        return runtime.run(spec, rootfs, key=run_id)
     return runtime.run(spec, rootfs)
+
+
+def _accepts_key(runtime) -> bool:
+    try:
+        return "key" in inspect.signature(runtime.run).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def pull(payload: bytes) -> bytes:
@@ -180,8 +192,9 @@ def self_test(runtime, images: ImageResolver, image: str, cmd: tuple[str, ...]) 
     from sandbox.spec import RunSpec
 
     try:
-        rootfs, _ = images.resolve(image)
-        result = runtime.run(RunSpec(cmd=list(cmd)), rootfs)
+        resolved = images.resolve(image)
+        spec = RunSpec(cmd=list(cmd), env=resolved.env)
+        result = runtime.run(spec, resolved.rootfs)
     except SandboxError as exc:
         return f"self-test in {image!r} failed: {exc.message}"
     if result.verdict != Verdict.OK:

@@ -8,8 +8,12 @@ from typing import TypeVar
 
 import anyio.to_thread
 from litestar.openapi import ResponseSpec
+from litestar.di import NamedDependency
 
 from api.schemas import ErrorOut
+
+Tenant = NamedDependency[str]
+"""The caller's tenant, provided by api.auth from the API key."""
 
 ERROR_RESPONSES = {
     400: ResponseSpec(data_container=ErrorOut, description="Invalid request; `field` names the input at fault"),

@@ -7,14 +7,16 @@ HTTP) plus the "local images" workers publish in Redis, and a pull is a job on t
 from __future__ import annotations
 
 import http.client
+from typing import Annotated
 import json
 
 import msgspec
 from litestar import Response, get, post
 from litestar.datastructures import State
+from litestar.params import JSONBody
 
 from api.convert import image_out, pull_out
-from api.routes.common import ERROR_RESPONSES, in_thread, wait_seconds
+from api.routes.common import ERROR_RESPONSES, Tenant, in_thread, wait_seconds
 from api.schemas import ImageList, ImageOut, PullOut, PullRequest
 from api.state import AppState
 from sandbox.errors import NotFound
@@ -57,7 +59,7 @@ def registry_images(settings) -> list[ImageOut]:
 
 
 @get("/v1/images", operation_id="listImages", responses=ERROR_RESPONSES, summary="List images")
-async def list_images(tenant: str, state: State) -> ImageList:
+async def list_images(tenant: Tenant, state: State) -> ImageList:
     """Images in the registry (name:tag) and local images that workers hold. If the registry
     cannot be reached, `registry_error` says why and only local images are listed."""
     return await in_thread(_list_images, state.app)
@@ -85,7 +87,7 @@ def _list_images(app: AppState) -> ImageList:
     responses=ERROR_RESPONSES,
     summary="Pull an image",
 )
-async def pull_image(data: PullRequest, tenant: str, state: State) -> Response[PullOut]:
+async def pull_image(data: JSONBody[PullRequest], tenant: Tenant, state: State) -> Response[PullOut]:
     """Have a worker pull `image` from the registry into its store (or confirm a local image).
     With `wait` (default) answer when done: 200, or the error's status (404 for an unknown
     image); otherwise 202 with the pull's id."""

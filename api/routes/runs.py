@@ -6,10 +6,11 @@ from typing import Annotated, Literal
 
 from litestar import Response, delete, get, post
 from litestar.datastructures import State
+from litestar.params import JSONBody
 from litestar.params import Parameter
 
 from api.convert import error_of, job_timeout, run_out, to_run_job
-from api.routes.common import ERROR_RESPONSES, in_thread, wait_seconds
+from api.routes.common import ERROR_RESPONSES, Tenant, in_thread, wait_seconds
 from api.schemas import RunOut, RunRequest
 from api.state import AppState
 from sandbox.errors import Conflict, NotFound
@@ -19,7 +20,7 @@ from workers.records import TERMINAL, RunRecord, RunStatus
 RunId = Annotated[str, Parameter(description="Run id (32 hex digits)", min_length=1, max_length=64)]
 OutputEncoding = Annotated[
     Literal["utf-8", "base64"],
-    Parameter(description="utf-8: text with invalid bytes replaced; base64: lossless", default="utf-8"),
+    Parameter(description="utf-8: text with invalid bytes replaced; base64: lossless"),
 ]
 
 
@@ -49,7 +50,7 @@ def _answer(record: RunRecord, encoding: str, *, waited: bool) -> Response[RunOu
     responses=ERROR_RESPONSES,
     summary="Submit a run",
 )
-async def create_run(data: RunRequest, tenant: str, state: State) -> Response[RunOut]:
+async def create_run(data: JSONBody[RunRequest], tenant: Tenant, state: State) -> Response[RunOut]:
     """Queue a run of `cmd` in `image`. With `wait`, answer with the result when it is done
     within the server's bound (200); otherwise, or if the bound passes first, answer 202 with
     the run's id to poll with GET /v1/runs/{id}."""
@@ -71,7 +72,7 @@ def _create_run(data: RunRequest, tenant: str, app: AppState) -> Response[RunOut
 @get("/v1/runs/{run_id:str}", operation_id="getRun", responses=ERROR_RESPONSES, summary="Get a run")
 async def get_run(
     run_id: RunId,
-    tenant: str,
+    tenant: Tenant,
     state: State,
     output_encoding: OutputEncoding = "utf-8",
     wait: Annotated[float, Parameter(ge=0, le=3600, description="Seconds to wait for the run to finish")] = 0.0,
@@ -101,7 +102,7 @@ CANCEL_WAIT = 5.0
     responses=ERROR_RESPONSES,
     summary="Cancel a run",
 )
-async def cancel_run(run_id: RunId, tenant: str, state: State) -> Response[RunOut]:
+async def cancel_run(run_id: RunId, tenant: Tenant, state: State) -> Response[RunOut]:
     """Cancel a queued run (it never starts) or a running one (its container is killed).
     A run that already finished is left as it is: 409."""
     return await in_thread(_cancel_run, run_id, tenant, state.app)
