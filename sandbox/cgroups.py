@@ -63,6 +63,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _kill_members(path: str) -> None:
+    """SIGKILL every process left in a cgroup tree (a crashed helper's containers)."""
+    for dirpath, _, files in os.walk(path):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            pids = _read(os.path.join(dirpath, "cgroup.procs")).split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                os.kill(int(pid), 9)
+            except OSError:
+                pass
+
+
 def _remove_tree(path: str) -> None:
     """rmdir a cgroup and its children, deepest first; missing is fine."""
     if not os.path.isdir(path):
@@ -138,6 +154,7 @@ class CgroupDriver:
                 except ValueError:
                     continue
                 if pid != self.owner_pid and not _pid_alive(pid):
+                    _kill_members(entry.path)
                     try:
                         _remove_tree(entry.path)
                         removed += 1

@@ -119,6 +119,9 @@ def _drop_to_payload(plan: PayloadPlan, stdio: tuple[int, int, int],
         os.setresgid(plan.gid, plan.gid, plan.gid)
         os.setresuid(plan.uid, plan.uid, plan.uid)
         sc.capset_empty()
+        # A credential change clears the parent-death signal; set it again so a dying
+        # helper still takes this container (and so its pid namespace) down.
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         # Not dumpable: the payload runs as the same uid and must not ptrace or write
         # /proc/1/mem to forge init's report.
         sc.prctl(sc.PR_SET_DUMPABLE, 0)
