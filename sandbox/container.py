@@ -202,7 +202,8 @@ def init_main(*, sync_fd: int, status_fd: int, stdio: tuple[int, int, int],
         child = _start_payload(payload, path)
     except Exception as exc:  # noqa: BLE001 - every failure is a named setup stage
         stage = getattr(exc, "stage", stage)
-        _report(status_fd, StatusMessage("setup_error", stage=stage, message=str(exc)))
+        message = getattr(exc, "detail", None) or str(exc)
+        _report(status_fd, StatusMessage("setup_error", stage=stage, message=message))
         os._exit(SETUP_FAILED_EXIT)
     _reap_until(child, status_fd)
 

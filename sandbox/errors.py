@@ -96,6 +96,7 @@ class SetupError(SandboxError):
     def __init__(self, message: str, *, stage: str) -> None:
         super().__init__(f"{stage}: {message}")
         self.stage = stage
+        self.detail = message
 
 
 class VolumeError(SandboxError):
