@@ -14,7 +14,12 @@ import logging
 import msgspec
 import redis
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.exceptions import (
+    HTTPException,
+    NotAuthorizedException,
+    SerializationException,
+    ValidationException,
+)
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from api.schemas import ErrorOut
@@ -73,14 +78,16 @@ def error_response(request: Request, exc: Exception) -> Response:
             401,
             {"WWW-Authenticate": 'Bearer realm="sbx"'},
         )
+    if isinstance(exc, HTTPException) and isinstance(exc.__cause__, SerializationException):
+        return _json(ErrorOut(error="invalid_request", message=f"malformed JSON body: {exc.detail}"), 400)
     if isinstance(exc, HTTPException):
         status = exc.status_code
         if status >= 500:
             log.error("%s %s: %s", request.method, request.url.path, exc.detail)
         code = _HTTP_CODES.get(status, "http_error")
         return _json(ErrorOut(error=code, message=str(exc.detail)), status, dict(exc.headers or {}))
-    if isinstance(exc, (UnicodeDecodeError, msgspec.DecodeError, ValueError)) and _is_body_error(exc):
-        return _json(ErrorOut(error="invalid_request", message=f"request body is not valid JSON: {exc}"), 400)
+    if isinstance(exc, (UnicodeDecodeError, msgspec.DecodeError, SerializationException)):
+        return _json(ErrorOut(error="invalid_request", message=f"malformed JSON body: {exc}"), 400)
     if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)):
         log.warning("%s %s: redis unavailable: %s", request.method, request.url.path, exc)
         return _json(
@@ -98,6 +105,3 @@ def error_response(request: Request, exc: Exception) -> Response:
     log.exception("%s %s: internal error", request.method, request.url.path, exc_info=exc)
     return _json(ErrorOut(error="internal_error", message="internal error"), HTTP_500_INTERNAL_SERVER_ERROR)
 
-
-def _is_body_error(exc: Exception) -> bool:
-    return isinstance(exc, (UnicodeDecodeError, msgspec.DecodeError))

@@ -31,10 +31,10 @@ def _owned(app: AppState, run_id: str, tenant: str) -> RunRecord:
     return record
 
 
-def _answer(record: RunRecord, encoding: str, *, waited: bool) -> Response[RunOut]:
+def _answer(record: RunRecord, encoding: str, *, waited: bool, accepted: int = 202) -> Response[RunOut]:
     body = run_out(record, encoding)
     if record.status not in TERMINAL:
-        return Response(body, status_code=202, headers={"Location": f"/v1/runs/{record.id}"})
+        return Response(body, status_code=accepted, headers={"Location": f"/v1/runs/{record.id}"})
     error = error_of(record)
     outcome_error = record.outcome.error if record.outcome is not None else None
     if waited and outcome_error is not None and 400 <= outcome_error.status < 500 and error is not None:
@@ -88,7 +88,7 @@ def _get_run(run_id: str, tenant: str, app: AppState, output_encoding: str, wait
     if record.status not in TERMINAL and seconds > 0:
         records.wait(app.blocking, run_id, seconds)
         record = _owned(app, run_id, tenant)
-    return _answer(record, output_encoding, waited=False)
+    return _answer(record, output_encoding, waited=False, accepted=200)
 
 
 CANCEL_WAIT = 5.0
