@@ -1,0 +1,77 @@
+"""The queue's safety rules without Redis: serializer, job allow-list, Redis URL policy."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import redis
+from rq.job import Callback
+
+from sandbox.errors import InvalidSpec
+from workers.jobclass import ALLOWED_FUNCTIONS, JobRefused, SbxJob
+from workers.queues import check_redis_url
+from workers.serializer import MsgpackSerializer
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_serializer_round_trips_plain_data_only():
+    data = ["workers.tasks.run", None, [b"\x00payload"], {}]
+    assert MsgpackSerializer.loads(MsgpackSerializer.dumps(tuple(data))) == data
+    with pytest.raises(TypeError):
+        MsgpackSerializer.dumps(Evil())
+    with pytest.raises(Exception):
+        MsgpackSerializer.loads(pickle.dumps(Evil()))
+
+
+NO_REDIS = redis.Redis(host="127.0.0.1", port=1)
+"""A client that is never used: creating and inspecting jobs needs no server."""
+
+
+def job(func: str, *args, **kwargs) -> SbxJob:
+    return SbxJob.create(func, args=list(args) or [b"payload"], serializer=MsgpackSerializer,
+                         connection=NO_REDIS, **kwargs)
+
+
+def test_only_sbx_functions_resolve():
+    assert job("workers.tasks.run").refusal() is None
+    assert job("workers.tasks.pull").refusal() is None
+    for name in ("os.system", "subprocess.run", "builtins.eval", "workers.tasks._ctx", "workers.tasks"):
+        j = job(name)
+        assert "not one of sbx's job functions" in j.refusal()
+        with pytest.raises(JobRefused):
+            j.func
+    assert job("workers.tasks.run").func.__name__ == "run"
+    assert ALLOWED_FUNCTIONS == {"workers.tasks.run", "workers.tasks.pull"}
+
+
+def test_callbacks_arguments_and_dependencies_are_refused():
+    assert "callbacks" in job("workers.tasks.run", on_success=Callback("os.system")).refusal()
+    assert "callbacks" in job("workers.tasks.run", on_failure=Callback("os.system")).refusal()
+    assert "exactly one encoded payload" in job("workers.tasks.run", "a", "b").refusal()
+    assert "exactly one encoded payload" in job("workers.tasks.run", "not-bytes").refusal()
+    assert "dependencies" in job("workers.tasks.run", depends_on=["x" * 32]).refusal()
+    with pytest.raises(JobRefused):
+        job("workers.tasks.run", on_success=Callback("os.system")).success_callback
+
+
+def test_undecodable_job_data_is_refused():
+    j = SbxJob(connection=NO_REDIS, serializer=MsgpackSerializer)
+    j.data = pickle.dumps(("os.system", None, ["id"], {}))
+    assert "cannot be decoded" in j.refusal()
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "redis://localhost/0", "redis://[::1]:6379",
+                                 "redis://:secret@10.0.0.5:6379/0", "unix:///run/redis.sock"])
+def test_redis_urls_allowed(url):
+    check_redis_url(url)
+
+
+@pytest.mark.parametrize("url", ["redis://10.0.0.5:6379/0", "redis://redis.example:6379", "http://127.0.0.1"])
+def test_redis_off_loopback_needs_a_password(url):
+    with pytest.raises(InvalidSpec):
+        check_redis_url(url)
