@@ -329,3 +329,22 @@ def test_four_concurrent_pulls_fetch_each_blob_once(registry_server, proxy, tmp_
                                insecure_registries=(proxy.addr,))
     image = Puller(settings).ensure(ref)
     assert sum(proxy.counts.values()) == before and image.digest in digests
+
+
+def test_basic_auth_registry_with_docker_config(registry_with_auth, tmp_path):
+    from sandbox.errors import RegistryAuthError
+    host = registry_with_auth.host
+    config = registry_with_auth.write_docker_config(tmp_path / "docker-config.json")
+    authed = RuntimeSettings(state_dir=str(tmp_path / "b"), registry=host,
+                             insecure_registries=(host,), docker_config=str(config))
+    builder = Builder(authed)
+    result = builder.build(str(make_context(tmp_path, {"one.txt": "1"})), tag=f"{host}/auth/img:1",
+                           run_test=False)
+    Puller(authed, builder.store).push(result.reference)
+    image = Puller(RuntimeSettings(state_dir=str(tmp_path / "c"), registry=host,
+                                   insecure_registries=(host,), docker_config=str(config))
+                   ).pull(result.reference)
+    assert image.digest == result.digest
+    anonymous = Puller(settings_for(tmp_path, "d", host))
+    with pytest.raises(RegistryAuthError):
+        anonymous.pull(result.reference)
