@@ -66,6 +66,9 @@ class ActiveRun:
         self.pipes: dict[int, int] = {}  # read fd -> stream number (1, 2) or 0 for status
         self.status = bytearray()
         self.killed_for: str | None = None
+        self.finished_at: float | None = None  # init reported, or died
+        self.exited = False  # init reaped
+        self.replied = False
 
     def kill(self, reason: str) -> None:
         if self.killed_for is None:
@@ -108,6 +111,7 @@ class Helper:
         if self.cgroup:
             self.cgroup.clean_stale()
         self.scratch = settings.scratch_dir
+        self.last_cap = sc.last_cap()
         self.dev_template = os.path.join(self.scratch, "dev")
         os.mkdir(self.dev_template, 0o755)
         prepare_dev_template(self.dev_template)
@@ -138,7 +142,10 @@ class Helper:
         if not self.runs:
             return None
         now = time.monotonic()
-        soonest = min(min(r.deadline, r.next_cpu_poll) for r in self.runs.values())
+        pending = [min(r.deadline, r.next_cpu_poll) for r in self.runs.values() if not r.replied]
+        if not pending:
+            return None
+        soonest = min(pending)
         return max(0.0, soonest - now)
 
     def _read_requests(self) -> bool:
@@ -173,7 +180,7 @@ class Helper:
     def _check_timers(self) -> None:
         now = time.monotonic()
         for run in list(self.runs.values()):
-            if run.killed_for is not None:
+            if run.killed_for is not None or run.replied:
                 continue
             if now >= run.deadline:
                 run.kill("wall")
@@ -238,6 +245,7 @@ class Helper:
                                   uid=spec.uid, gid=spec.gid,
                                   rlimits=_rlimits(spec, self.cgroup is not None),
                                   hostname=spec.hostname,
+                                  last_cap=self.last_cap,
                                   address_space_limit=0 if self.cgroup else lim.memory)
             program = self.programs[spec.seccomp]
             pid = sc.clone(CONTAINER_FLAGS)
@@ -276,15 +284,20 @@ class Helper:
         self.selector.register(run.pidfd, selectors.EVENT_READ, None)
 
     # -- progress -----------------------------------------------------------------------------
+    #
+    # A run is answered as soon as init has reported (its payload tree is dead and reaped) and
+    # both output pipes are at EOF; init's own exit, the namespace teardown the kernel does
+    # with it, and the unmounting are waited for afterwards, off the caller's path.
 
     def _on_fd(self, fd: int) -> None:
         run = self.by_fd.get(fd)
         if run is None:
             return
         if fd == run.pidfd:
-            self._finish(run)
+            self._on_exit(run)
         else:
             self._drain(run, fd, once=True)
+        self._progress(run)
 
     def _drain(self, run: ActiveRun, fd: int, *, once: bool) -> None:
         stream = run.pipes[fd]
@@ -298,6 +311,8 @@ class Helper:
                 return
             if stream == 0:
                 run.status += chunk[: 65536 - len(run.status)]
+                if run.finished_at is None and b"\n" in chunk:
+                    run.finished_at = time.monotonic()
             else:
                 self._keep_output(run, stream, chunk)
             if once:
@@ -319,29 +334,39 @@ class Helper:
         del run.pipes[fd]
         os.close(fd)
 
-    # -- finish -------------------------------------------------------------------------------
-
-    def _finish(self, run: ActiveRun) -> None:
+    def _on_exit(self, run: ActiveRun) -> None:
         os.waitpid(run.pid, 0)
-        wall = time.monotonic() - run.started
-        for fd in list(run.pipes):
-            self._drain(run, fd, once=False)
+        run.exited = True
+        if run.finished_at is None:
+            run.finished_at = time.monotonic()
         self.selector.unregister(run.pidfd)
         del self.by_fd[run.pidfd]
         os.close(run.pidfd)
         run.pidfd = -1
-        del self.runs[run.key]
-        try:
-            result = self._result(run, wall)
-        except Exception as exc:  # noqa: BLE001
-            result = RunResult(verdict=Verdict.INTERNAL_ERROR, message=f"collecting result: {exc}")
-        finally:
+        for fd in list(run.pipes):
+            self._drain(run, fd, once=False)
+
+    def _progress(self, run: ActiveRun) -> None:
+        outputs_open = any(stream != 0 for stream in run.pipes.values())
+        if not run.replied and run.finished_at is not None and not outputs_open:
+            run.replied = True
+            try:
+                result = self._result(run, run.finished_at - run.started)
+            except Exception as exc:  # noqa: BLE001
+                result = RunResult(verdict=Verdict.INTERNAL_ERROR,
+                                   message=f"collecting result: {exc}")
+            self._send(RunReply(run.key, result))
+        if run.replied and run.exited:
+            del self.runs[run.key]
             self._cleanup(run)
-        self._send(RunReply(run.key, result))
 
     def _result(self, run: ActiveRun, wall: float) -> RunResult:
-        messages = [msgspec.json.decode(line, type=StatusMessage)
-                    for line in bytes(run.status).splitlines() if line.strip()]
+        messages = []
+        for line in bytes(run.status).splitlines():
+            try:
+                messages.append(msgspec.json.decode(line, type=StatusMessage))
+            except msgspec.DecodeError:
+                continue
         setup = next((m for m in messages if m.kind == "setup_error"), None)
         exit_msg = next((m for m in messages if m.kind == "exit"), None)
         limits = run.spec.limits

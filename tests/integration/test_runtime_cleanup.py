@@ -12,6 +12,7 @@ import pytest
 from sandbox.config import RuntimeSettings
 from sandbox.runner import Runtime
 from sandbox.spec import Limits, RunSpec, Verdict
+from tests.fixtures.ports import wait_until
 
 pytestmark = pytest.mark.rootless
 
@@ -72,6 +73,9 @@ def test_double_forked_orphan_is_killed(runtime, busybox):
 def test_two_hundred_runs_leave_nothing_behind(runtime, busybox):
     helper = runtime.helper_pid
     runtime.run(sh("true"), busybox)  # warm: first-run lazies are not leaks
+    scratch = f"/proc/{helper}/root{runtime.settings.scratch_dir}"
+    wait_until(lambda: sorted(os.listdir(scratch)) == ["dev"], timeout=5,
+               what="the warm-up run's scratch to go")
     fds_before = len(os.listdir("/proc/self/fd"))
     mounts_before = open(f"/proc/{helper}/mountinfo").read().count("\n")
     threads_before = threading.active_count()
@@ -82,13 +86,14 @@ def test_two_hundred_runs_leave_nothing_behind(runtime, busybox):
         r = runtime.run(sh(script, limits=Limits(output=1 << 20, wall_time=5)), busybox)
         verdicts.add(r.verdict)
     assert verdicts == {Verdict.OK, Verdict.NONZERO_EXIT, Verdict.OUTPUT_LIMIT}
+    # The helper answers before it unmounts the last run's scratch: let it finish.
+    wait_until(lambda: open(f"/proc/{helper}/mountinfo").read().count("\n") == mounts_before,
+               timeout=5, what="the last run's mounts to go")
     assert len(os.listdir("/proc/self/fd")) == fds_before
-    assert open(f"/proc/{helper}/mountinfo").read().count("\n") == mounts_before
     assert threading.active_count() == threads_before
     assert helper_children(helper) == []
     assert container_processes("sbx-200-runs") == []
     assert run_cgroups(helper) == []
-    scratch = f"/proc/{helper}/root{runtime.settings.scratch_dir}"
     assert sorted(os.listdir(scratch)) == ["dev"]
 
 
