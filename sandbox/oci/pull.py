@@ -8,7 +8,6 @@ Progress is reported as `ProgressEvent`s; the CLI turns them into bars or plain 
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -140,7 +139,3 @@ class Puller:
                                          None, time.time()))
         self.progress(ProgressEvent("done", str(target)))
         return digest
-
-
-def blob_size(path: str) -> int:
-    return os.path.getsize(path)

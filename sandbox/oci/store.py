@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import time
 import uuid
 from typing import Callable, Iterator
 
@@ -32,7 +31,7 @@ from sandbox.config import RuntimeSettings
 from sandbox.errors import ImageError, ImageNotFound, ImageVerifyError
 from sandbox.oci import model
 from sandbox.oci.extract import ExtractLimits, unpack_layer
-from sandbox.oci.reference import Reference, check_digest, parse_reference
+from sandbox.oci.reference import check_digest, parse_reference
 from sandbox.spec import Rootfs
 
 
@@ -373,10 +372,3 @@ class ImageStore:
 def _rmtree_if(path: str) -> None:
     if os.path.isdir(path):
         _rmtree(path)
-
-
-def now() -> float:
-    return time.time()
-
-
-__all__ = ["ImageStore", "RefRecord", "ResolvedImage", "PruneReport", "Reference"]
