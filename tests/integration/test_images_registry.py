@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -44,6 +45,8 @@ class TamperProxy:
         self.counts: Counter = Counter()
         self.mode: str | None = None
         self.lock = threading.Lock()
+        self.stalled = threading.Event()
+        self.release = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,6 +80,13 @@ class TamperProxy:
                 self.end_headers()
                 if self.command == "HEAD":
                     return
+                if is_blob and resp.status == 200 and proxy.mode == "stall":
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    proxy.stalled.set()
+                    proxy.release.wait(30)
+                    self.close_connection = True
+                    return
                 if is_blob and resp.status == 200 and proxy.mode == "truncate":
                     self.wfile.write(data[: len(data) // 2])
                     self.close_connection = True
@@ -94,6 +104,7 @@ class TamperProxy:
                         if m == "GET" and "/blobs/" in p})
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -348,3 +359,35 @@ def test_basic_auth_registry_with_docker_config(registry_with_auth, tmp_path):
     anonymous = Puller(settings_for(tmp_path, "d", host))
     with pytest.raises(RegistryAuthError):
         anonymous.pull(result.reference)
+
+
+def test_pull_killed_half_way_leaves_nothing_trusted(registry_server, proxy, tmp_path):
+    _, ref = build_and_push(tmp_path, registry_server, "sbx/crash:1",
+                            files={"one.txt": os.urandom(300_000).hex()})
+    ref = ref.replace(registry_server, proxy.addr)
+    state = tmp_path / "state"
+    env = {**os.environ, "SBX_STATE_DIR": str(state), "SBX_REGISTRY": proxy.addr,
+           "SBX_INSECURE_REGISTRIES": proxy.addr, "PYTHONDONTWRITEBYTECODE": "1"}
+    proxy.mode = "stall"
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "images", "pull", ref],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    assert proxy.stalled.wait(30), "the pull never reached a blob"
+    deadline = time.monotonic() + 10
+    while not os.listdir(state / "images" / "tmp") and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the half-written download exists on disk
+    proc.kill()  # SIGKILL: no cleanup code runs
+    proc.wait()
+    proxy.mode = None
+    proxy.release.set()
+    puller = Puller(RuntimeSettings(state_dir=str(state), registry=proxy.addr,
+                                    insecure_registries=(proxy.addr,)))
+    assert puller.store.list_refs() == []
+    assert os.listdir(state / "images" / "layers" / "sha256") == []
+    for name in os.listdir(state / "images" / "blobs" / "sha256"):  # only verified content
+        assert hashlib.sha256((state / "images" / "blobs" / "sha256" / name).read_bytes()
+                              ).hexdigest() == name
+    assert os.listdir(state / "images" / "tmp") != []  # the partial download, never trusted
+    image = puller.pull(ref)  # the lock died with the process: no deadlock
+    assert image.rootfs.layers and puller.store.prune().tmp >= 1
+    assert os.listdir(state / "images" / "tmp") == []
