@@ -17,8 +17,9 @@ class RuntimeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Images, volumes and per-worker scratch live below this directory."""
     cgroup_mode: Literal["auto", "v2", "v1", "none"] = "auto"
     """Which cgroup hierarchy to use for limits and accounting; auto picks the first writable."""
-    cgroup_v2_root: str = "/sys/fs/cgroup/unified/sbx"
-    """A cgroup v2 directory delegated to this user (its own cgroup.subtree_control writable)."""
+    cgroup_v2_root: str = ""
+    """A cgroup v2 directory delegated to this user; empty: `sbx` under the v2 mount
+    (/sys/fs/cgroup on a pure v2 host, /sys/fs/cgroup/unified on a hybrid one)."""
     cgroup_v1_root: str = "/sys/fs/cgroup"
     """Mount point of the v1 controllers; each controller's `sbx` child must be ours."""
     cgroup_name: str = "sbx"
@@ -33,6 +34,14 @@ class RuntimeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Registries spoken to over plain HTTP."""
     docker_config: str = ""
     """Path of a docker config.json with `auths`; empty means ~/.docker/config.json."""
+
+    @property
+    def v2_root(self) -> str:
+        if self.cgroup_v2_root:
+            return self.cgroup_v2_root
+        if os.path.exists(os.path.join(self.cgroup_v1_root, "cgroup.controllers")):
+            return os.path.join(self.cgroup_v1_root, self.cgroup_name)
+        return os.path.join(self.cgroup_v1_root, "unified", self.cgroup_name)
 
     @property
     def images_dir(self) -> str:

@@ -83,6 +83,11 @@ def _rlimits(spec: RunSpec, use_cgroup: bool) -> tuple[tuple[int, int, int], ...
     # pids cgroup it is only a backstop, set above pids.max so the cgroup (whose events say
     # "limit hit") trips first.
     nproc = lim.pids + 1 if not use_cgroup else 2 * lim.pids + 1
+    # Never above what we inherited: a hard limit cannot be raised (an outer prlimit that
+    # protects the machine stays in force).
+    inherited = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    if inherited != resource.RLIM_INFINITY:
+        nproc = min(nproc, inherited)
     cpu = max(1, math.ceil(lim.cpu_time))
     out = [
         (resource.RLIMIT_CPU, cpu, cpu + 1),
@@ -106,7 +111,7 @@ class Helper:
         self.by_fd: dict[int, ActiveRun] = {}
         self.frames = FrameBuffer()
         self.programs = seccomp.compile_all()
-        self.cgroup = cgroups.detect(settings.cgroup_mode, v2_root=settings.cgroup_v2_root,
+        self.cgroup = cgroups.detect(settings.cgroup_mode, v2_root=settings.v2_root,
                                      v1_root=settings.cgroup_v1_root, name=settings.cgroup_name)
         if self.cgroup:
             self.cgroup.clean_stale()
