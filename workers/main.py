@@ -97,6 +97,7 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> int:
             runtime=runtime,
             images=images,
             max_outcome_bytes=settings.max_output_bytes,
+            defer_metrics=True,
         )
         beacon = Beacon(
             beacon_conn,
@@ -114,6 +115,7 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> int:
         tasks.bind(context)
         try:
             worker = SbxWorker([QUEUE_NAME], connection=connection, name=name)
+            worker.on_finish = context.flush_metrics
             worker.work(burst=burst, logging_level="WARNING")
         finally:
             beacon.stop()

@@ -13,7 +13,6 @@ from datetime import datetime
 
 import msgspec
 import redis
-from rq.exceptions import NoSuchJobError
 from rq.job import JobStatus
 from rq.results import Result
 
@@ -93,31 +92,40 @@ def load(connection: redis.Redis, run_id: str) -> RunRecord | None:
 def _load(connection: redis.Redis, run_id: str) -> RunRecord | None:
     if not _JOB_ID.match(run_id):
         return None
+    job = SbxJob(run_id, connection=connection, serializer=MsgpackSerializer)
+    with connection.pipeline(transaction=False) as pipe:  # one round trip for the whole record
+        pipe.hgetall(job.key)
+        pipe.xrevrange(Result.get_key(run_id), "+", "-", count=1)
+        pipe.exists(cancel_key(run_id))
+        raw, latest_raw, cancelled = pipe.execute()
+    if not raw:
+        return None
     try:
-        job = SbxJob.fetch(run_id, connection=connection, serializer=MsgpackSerializer)
-    except NoSuchJobError:
+        job.restore(raw)
+    except Exception:  # a job hash sbx did not write: show nothing rather than fail
         return None
     meta = job.meta if isinstance(job.meta, dict) else {}
     outcome: Outcome | None = None
     reason: str | None = None
     state = job.get_status(refresh=False)
-    if state in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED):
-        latest = Result.fetch_latest(job, serializer=MsgpackSerializer)
-        if latest is not None and latest.type == Result.Type.SUCCESSFUL:
+    if latest_raw and state in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED):
+        result_id, payload = latest_raw[0]
+        latest = Result.restore(run_id, result_id.decode(), payload, connection=connection,
+                                serializer=MsgpackSerializer)
+        if latest.type == Result.Type.SUCCESSFUL:
             try:
                 outcome = decode_outcome(latest.return_value)
-            except (msgspec.DecodeError, TypeError):
+            except (msgspec.DecodeError, msgspec.ValidationError, TypeError):
                 reason = "the worker returned an unreadable outcome"
-        elif latest is not None:
+        else:
             reason = _last_line(latest.exc_string)
     if outcome is not None and outcome.error is not None:
         reason = outcome.error.message
-    cancelled = bool(connection.exists(cancel_key(run_id)))
     return RunRecord(
         id=run_id,
         tenant=str(meta.get("tenant", "")),
         kind=str(meta.get("kind", "run")),
-        status=_status(job, outcome, cancelled),
+        status=_status(job, outcome, bool(cancelled)),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.ended_at,

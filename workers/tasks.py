@@ -39,6 +39,15 @@ class WorkerContext:
     current: str = ""
     killed: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    defer_metrics: bool = False
+    """True when the worker writes metrics in its end-of-job transaction (flush_metrics)."""
+    pending: list[tuple[str, float | None]] = field(default_factory=list)
+
+    def flush_metrics(self, pipe) -> None:
+        """Queue the pending metric updates on `pipe` (the worker's end-of-job transaction)."""
+        pending, self.pending = self.pending, []
+        for label, seconds in pending:
+            _metric_commands(pipe, label, seconds)
 
     def kill(self, run_id: str) -> None:
         """Called from the beacon thread: stop `run_id` if this process is running it."""
@@ -93,16 +102,25 @@ def _record_metrics(ctx: WorkerContext, outcome: Outcome, enqueued_at: datetime 
         label = f"ERROR_{outcome.error.code.upper()}"
     else:
         return
+    seconds = None
+    if enqueued_at is not None:
+        seconds = max(0.0, (datetime.now(timezone.utc) - enqueued_at).total_seconds())
+    if ctx.defer_metrics:
+        ctx.pending.append((label, seconds))
+        return
     with ctx.connection.pipeline(transaction=False) as pipe:
-        pipe.hincrby(METRICS_VERDICTS, label, 1)
-        if enqueued_at is not None:
-            seconds = max(0.0, (datetime.now(timezone.utc) - enqueued_at).total_seconds())
-            index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
-            bound = str(LATENCY_BUCKETS[index]) if index < len(LATENCY_BUCKETS) else "+Inf"
-            pipe.hincrby(METRICS_LATENCY, f"le={bound}", 1)
-            pipe.hincrbyfloat(METRICS_LATENCY, "sum", seconds)
-            pipe.hincrby(METRICS_LATENCY, "count", 1)
+        _metric_commands(pipe, label, seconds)
         pipe.execute()
+
+
+def _metric_commands(pipe, label: str, seconds: float | None) -> None:
+    pipe.hincrby(METRICS_VERDICTS, label, 1)
+    if seconds is not None:
+        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        bound = str(LATENCY_BUCKETS[index]) if index < len(LATENCY_BUCKETS) else "+Inf"
+        pipe.hincrby(METRICS_LATENCY, f"le={bound}", 1)
+        pipe.hincrbyfloat(METRICS_LATENCY, "sum", seconds)
+        pipe.hincrby(METRICS_LATENCY, "count", 1)
 
 
 def _enqueued_at(job) -> datetime | None:

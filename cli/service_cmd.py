@@ -1,0 +1,301 @@
+"""`sbx up`, `sbx api`, `sbx worker`, `sbx submit`: running the service and talking to it.
+
+`sbx up` starts everything on one machine with no configuration, each part a child process:
+a Redis server with persistence under the state directory (unless REDIS_URL points at one), the
+registry (Debian's docker-registry) on 127.0.0.1:5000 storing under the state directory, the
+base images in images/ built and pushed to it, the API on 127.0.0.1:8000 and one worker per
+core. Ctrl-C or SIGTERM stops them all, in reverse order. Without SBX_API_KEY/SBX_API_KEYS a
+random key is generated once and kept in STATE/api-key (mode 0600); `sbx submit` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_REDIS_PORT = 6390
+"""Port of the Redis `sbx up` starts: not 6379, which Debian's own redis-server service takes."""
+REGISTRY_ADDR = ("127.0.0.1", 5000)
+API_ADDR = ("127.0.0.1", 8000)
+SELF_TEST_IMAGE = "busybox"
+"""Published first and waited for: every worker's self-test runs in it."""
+
+
+def _say(msg: str) -> None:
+    print(f"sbx up: {msg}", file=sys.stderr, flush=True)
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _wait(check, what: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"sbx up: {what} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"sbx up: {what} did not come up within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def _registry_answers(host: str, port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=1)
+        conn.request("GET", "/v2/")
+        ok = conn.getresponse().status in (200, 401)
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+class Stack:
+    """The child processes of `sbx up`, stopped in reverse order of start."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.logs = state_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, log: bool = True) -> subprocess.Popen:
+        out = open(self.logs / f"{name}.log", "ab") if log else None
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, cwd=REPO)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _say(f"{name} ignored SIGTERM; killing it")
+                proc.kill()
+                proc.wait()
+
+    def dead(self) -> str | None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                return f"{name} exited with {proc.returncode} (log: {self.logs / (name + '.log')})"
+        return None
+
+
+def start_redis(stack: Stack, port: int) -> str:
+    directory = stack.state_dir / "redis"
+    directory.mkdir(parents=True, exist_ok=True)
+    if _port_open("127.0.0.1", port):
+        raise SystemExit(f"sbx up: 127.0.0.1:{port} is taken; set REDIS_URL or SBX_REDIS_PORT")
+    proc = stack.start("redis", [
+        "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory),
+        "--appendonly", "yes", "--save", "60 1", "--protected-mode", "yes",
+    ])
+    _wait(lambda: _port_open("127.0.0.1", port), "redis-server", 20, proc)
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def start_registry(stack: Stack) -> str:
+    host, port = REGISTRY_ADDR
+    addr = f"{host}:{port}"
+    if _registry_answers(host, port):
+        _say(f"a registry already answers on {addr}; using it")
+        return addr
+    storage = stack.state_dir / "registry"
+    storage.mkdir(parents=True, exist_ok=True)
+    config = stack.state_dir / "registry.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
+        f"http:\n  addr: {addr}\n"
+    )
+    proc = stack.start("registry", ["docker-registry", "serve", str(config)])
+    _wait(lambda: _registry_answers(host, port), "docker-registry", 20, proc)
+    return addr
+
+
+def publish_images(runtime_settings, names: list[str]) -> list[str]:
+    """Build images/NAME and push it to the registry; return the names that failed."""
+    try:
+        from sandbox.oci.build import Builder
+        from sandbox.oci.pull import Puller
+    except ImportError:
+        _say("no image builder in this checkout (sandbox.oci.build); not publishing base images")
+        return names
+    failed = []
+    builder = Builder(runtime_settings)
+    for name in names:
+        try:
+            result = builder.build(str(REPO / "images" / name), tag=name)
+            Puller(runtime_settings, store=builder.store).push(result.reference)
+            _say(f"published {result.reference}")
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other images
+            _say(f"could not publish image {name}: {exc}")
+            failed.append(name)
+    return failed
+
+
+def api_key(state_dir: Path) -> str:
+    """SBX_API_KEY, or the key kept in STATE/api-key (made on first use, mode 0600)."""
+    if os.environ.get("SBX_API_KEY"):
+        return os.environ["SBX_API_KEY"]
+    path = state_dir / "api-key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
+def _state_dir() -> Path:
+    from sandbox.config import RuntimeSettings
+
+    return Path(RuntimeSettings.from_env().state_dir)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from sandbox.config import RuntimeSettings
+    from workers.main import drop_privileges
+
+    drop_privileges(os.environ.get("SBX_USER", "sbx"))
+    state_dir = _state_dir()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    stack = Stack(state_dir)
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        redis_url = os.environ.get("REDIS_URL") or start_redis(stack, int(os.environ.get("SBX_REDIS_PORT", DEFAULT_REDIS_PORT)))
+        registry = start_registry(stack)
+        env = {**os.environ, "SBX_REDIS_URL": redis_url, "REDIS_URL": redis_url, "SBX_REGISTRY": registry,
+               "SBX_STATE_DIR": str(state_dir), "PYTHONPATH": str(REPO)}
+        if not (os.environ.get("SBX_API_KEYS") or os.environ.get("SBX_API_KEYS_FILE")
+                or os.environ.get("SBX_OPEN_ACCESS")):
+            env["SBX_API_KEY"] = api_key(state_dir)
+        runtime_settings = RuntimeSettings.from_env(env)
+        if not args.no_images:
+            names = sorted(p.name for p in (REPO / "images").iterdir() if (p / "Dockerfile").exists())
+            first = [n for n in names if n == SELF_TEST_IMAGE]
+            publish_images(runtime_settings, first)
+            rest = [n for n in names if n != SELF_TEST_IMAGE]
+            threading.Thread(target=publish_images, args=(runtime_settings, rest), daemon=True).start()
+        host, port = API_ADDR
+        api = stack.start("api", [sys.executable, "-m", "api.serve", "--host", host, "--port", str(port)], env)
+        _wait(lambda: _port_open(host, port), "the API", 30, api)
+        workers = [sys.executable, "-m", "workers.main"]
+        if args.workers:
+            workers += ["--processes", str(args.workers)]
+        stack.start("workers", workers, env)
+        key_note = f"key in {state_dir / 'api-key'}" if "SBX_API_KEY" in env and not os.environ.get("SBX_API_KEY") else "key from your environment"
+        _say(f"API on http://{host}:{port} ({key_note}); Redis {redis_url}; registry {registry}; logs in {stack.logs}")
+        while not stopping.is_set():
+            problem = stack.dead()
+            if problem:
+                _say(problem)
+                return 1
+            stopping.wait(0.5)
+        _say("stopping")
+        return 0
+    finally:
+        stack.stop()
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from api.serve import run
+
+    return run(args)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.main import run
+
+    return run(args)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """A thin client: POST /v1/runs with wait, print the result, exit with the run's status."""
+    url = (args.url or os.environ.get("SBX_API_URL") or f"http://{API_ADDR[0]}:{API_ADDR[1]}").rstrip("/")
+    key = os.environ.get("SBX_API_KEY")
+    if not key:
+        path = _state_dir() / "api-key"
+        key = path.read_text().strip() if path.exists() else ""
+    body: dict = {"image": args.image, "cmd": args.cmd, "wait": True}
+    if args.stdin:
+        body["stdin"] = sys.stdin.read()
+    files = []
+    for item in args.file:
+        local, _, dest = item.partition(":")
+        files.append({"path": dest or os.path.basename(local), "content": Path(local).read_text()})
+    if files:
+        body["files"] = files
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(f"{url}/v1/runs", data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        answer = json.loads(exc.read() or b"{}")
+        print(json.dumps(answer, indent=2), file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        result = answer.get("result") or {}
+        sys.stdout.write(result.get("stdout", ""))
+        sys.stderr.write(result.get("stderr", ""))
+        if answer.get("status") != "done":
+            print(f"sbx submit: run {answer.get('id')} is {answer.get('status')}", file=sys.stderr)
+    result = answer.get("result") or {}
+    return 0 if answer.get("status") == "done" and result.get("verdict") == "OK" else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from api.serve import add_arguments as api_arguments
+    from workers.main import add_arguments as worker_arguments
+
+    p = subparsers.add_parser("up", help="start Redis, the registry, the API and workers on this machine")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    p.add_argument("--no-images", action="store_true", help="do not build and publish the base images")
+    p.set_defaults(func=cmd_up)
+
+    p = subparsers.add_parser("api", help="serve the HTTP API (settings from SBX_* variables)")
+    api_arguments(p)
+    p.set_defaults(func=cmd_api)
+
+    p = subparsers.add_parser("worker", help="run queue workers (settings from SBX_* variables)")
+    worker_arguments(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = subparsers.add_parser("submit", help="submit a run to the API and print its output")
+    p.add_argument("--url", help="API base URL (default SBX_API_URL or http://127.0.0.1:8000)")
+    p.add_argument("--stdin", action="store_true", help="send this process's stdin to the run")
+    p.add_argument("--file", action="append", default=[], metavar="LOCAL[:PATH]", help="add a text file")
+    p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("image")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_submit)
