@@ -131,18 +131,27 @@ class JobQueue:
     def _submit(
         self, func: str, payload: bytes, *, tenant: str, kind: Literal["run", "pull"], timeout: int
     ) -> str:
-        depth = self.depth()
-        if depth >= self.max_depth:
-            raise Unavailable(f"queue full ({depth} jobs waiting); retry later", retry_after=2)
         run_id = new_run_id()
-        self.rq.enqueue_call(
-            func,
-            args=(payload,),
-            job_id=run_id,
-            timeout=timeout,
-            result_ttl=self.result_ttl,
-            failure_ttl=self.result_ttl,
-            ttl=self.queued_ttl,
-            meta={"tenant": tenant, "kind": kind},
-        )
+        # One round trip: the depth is read in the same transaction that enqueues; a job that
+        # found the queue full is taken back out (rare, and only then costs a second trip).
+        with self.connection.pipeline() as pipe:
+            self.rq.enqueue_call(
+                func,
+                args=(payload,),
+                job_id=run_id,
+                timeout=timeout,
+                result_ttl=self.result_ttl,
+                failure_ttl=self.result_ttl,
+                ttl=self.queued_ttl,
+                meta={"tenant": tenant, "kind": kind},
+                pipeline=pipe,
+            )
+            pipe.llen(self.rq.key)
+            depth = pipe.execute()[-1] - 1  # jobs that were waiting before this one
+        if depth >= self.max_depth:
+            with self.connection.pipeline() as pipe:
+                pipe.lrem(self.rq.key, 1, run_id)
+                pipe.delete(f"{SbxJob.redis_job_namespace_prefix}{run_id}")
+                pipe.execute()
+            raise Unavailable(f"queue full ({depth} jobs waiting); retry later", retry_after=2)
         return run_id

@@ -147,7 +147,7 @@ def run(payload: bytes) -> bytes:
     with ctx.lock:
         ctx.current = run_id
     try:
-        if run_id and ctx.connection.exists(cancel_key(run_id)):
+        if run_id and _cancel_requested(job, ctx, run_id):
             return _finish(
                 ctx,
                 Outcome(error=JobError(code="cancelled", message="cancelled before it started", status=409)),
@@ -170,6 +170,15 @@ def run(payload: bytes) -> bytes:
             ctx.current = ""
             ctx.killed.discard(run_id)
     return _finish(ctx, outcome, enqueued_at)
+
+
+def _cancel_requested(job, ctx: WorkerContext, run_id: str) -> bool:
+    """Was the run cancelled while queued? SbxWorker reads the flag when it marks the job
+    started (same transaction); other callers ask Redis."""
+    flag = getattr(job, "cancel_requested", None)
+    if flag is not None:
+        return bool(flag)
+    return bool(ctx.connection.exists(cancel_key(run_id)))
 
 
 class _Cancelled(Exception):

@@ -34,6 +34,7 @@ from rq.utils import current_timestamp, now, utcformat
 from rq.worker import SimpleWorker
 
 from workers.jobclass import SbxJob
+from workers.queues import cancel_key
 from workers.serializer import MsgpackSerializer
 
 WORKER_TTL = 60
@@ -71,6 +72,7 @@ class SbxWorker(SimpleWorker):
             **kwargs,
         )
         self._last_beat = 0.0
+        self._last_suspension_check = 0.0
         self.on_finish = None
         """Optional callable(pipeline) adding commands to each job's end-of-job transaction."""
 
@@ -83,6 +85,12 @@ class SbxWorker(SimpleWorker):
 
     def set_state(self, state: str, pipeline=None) -> None:
         self._state = state  # kept in memory for warm shutdown; not written per job
+
+    def check_for_suspension(self, burst: bool) -> None:
+        # rq reads its suspension flag before every job; once every few seconds is enough.
+        if time.monotonic() - self._last_suspension_check >= HEARTBEAT_EVERY / 2:
+            self._last_suspension_check = time.monotonic()
+            super().check_for_suspension(burst)
 
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
         if pipeline is None and time.monotonic() - self._last_beat < HEARTBEAT_EVERY:
@@ -116,8 +124,10 @@ class SbxWorker(SimpleWorker):
             pipe.persist(job.key)
             pipe.zadd(registry.key, {entry: current_timestamp() + timeout + REGISTRY_MARGIN})
             pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-            pipe.execute()
+            pipe.exists(cancel_key(job.id))
+            cancelled = pipe.execute()[-1]
         job._status = JobStatus.STARTED
+        job.cancel_requested = bool(cancelled)  # read by workers.tasks before the run starts
 
         reason = job.refusal() if isinstance(job, SbxJob) else "not an sbx job"
         if reason is not None:
