@@ -34,6 +34,18 @@ class RuntimeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Registries spoken to over plain HTTP."""
     docker_config: str = ""
     """Path of a docker config.json with `auths`; empty means ~/.docker/config.json."""
+    # -- networks and volumes (issue 5) --
+    max_volume_size: int = 1 << 30
+    """Largest volume quota (bytes). A read-write volume is copied into a tmpfs for each run,
+    so this much memory may be used per attached volume."""
+    max_volumes_per_tenant: int = 64
+    volume_wait: float = 0.0
+    """Seconds a run waits for a volume another run holds; 0 refuses at once (VolumeBusy)."""
+    egress: bool = False
+    """Whether runs may ask for network "egress" (outbound through slirp4netns). Off: refused."""
+    egress_allow: tuple[str, ...] = ()
+    """Where egress may go: "CIDR", "CIDR:PORT" or "CIDR:LOW-HIGH" (TCP and UDP). Nothing else
+    is reachable; the host's loopback and own addresses never are, whatever is listed."""
 
     @property
     def v2_root(self) -> str:
@@ -71,5 +83,11 @@ class RuntimeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             values["insecure_registries"] = tuple(
                 r for r in env["SBX_INSECURE_REGISTRIES"].split(",") if r
             )
+        if "SBX_MAX_VOLUME_SIZE" in env:
+            values["max_volume_size"] = int(env["SBX_MAX_VOLUME_SIZE"])
+        if "SBX_EGRESS" in env:
+            values["egress"] = env["SBX_EGRESS"].lower() in ("1", "true", "yes")
+        if "SBX_EGRESS_ALLOW" in env:
+            values["egress_allow"] = tuple(r for r in env["SBX_EGRESS_ALLOW"].split(",") if r)
         values.update(overrides)
         return msgspec.convert(values, cls)
