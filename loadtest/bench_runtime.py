@@ -1,8 +1,11 @@
 """Container start cost: sbx's Python API against bubblewrap, interleaved in one run.
 
-For each workload (/bin/true, python3 -c pass) it alternates one sbx run and one
+For each workload (/bin/true, python3 -c pass) it alternates one sbx run (cgroup limits, as
+deployed), one sbx run in the rlimit fallback, and one
 `bwrap --unshare-all --die-with-parent --new-session` run launched from Python with
-subprocess, on the same root filesystem, and prints medians and the ratio sbx/bwrap. With
+subprocess, on the same root filesystem, and prints medians and the ratios to bwrap. bwrap
+enforces no limits; the rlimit column shows what the memory cgroup costs the payload itself
+(charging every page it faults in). With
 --caller-mb the calling process first grows by that many MB (a worker's size), to show the
 helper keeps the per-run cost flat. With --memory-runs it then does that many more sbx runs
 and prints the caller's RSS along the way (it must stay flat).
@@ -70,29 +73,34 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sbx-bench-") as tmp:
         rootfs = Path(args.rootfs) if args.rootfs else python_rootfs(Path(tmp))
         settings = RuntimeSettings(state_dir=os.path.join(tmp, "state"))
-        with Runtime(settings) as rt:
+        rlimit_settings = RuntimeSettings(state_dir=os.path.join(tmp, "state-rlimit"),
+                                          cgroup_mode="none")
+        with Runtime(settings) as rt, Runtime(rlimit_settings) as rt_rlimit:
             layers = Rootfs(layers=(str(rootfs),))
             limits = Limits(wall_time=30, cpu_time=30)
             print(f"caller RSS {rss_kb() // 1024} MB, limits mode {rt.health()['limits_mode']}, "
-                  f"{args.runs} runs per tool and workload, interleaved sbx/bwrap")
+                  f"{args.runs} runs per tool and workload, interleaved sbx / sbx-rlimit / bwrap")
             for name, argv in WORKLOADS.items():
                 spec = RunSpec(cmd=argv, env=PATH, limits=limits)
-                for _ in range(5):  # warm both: page cache, helper
+                for _ in range(5):  # warm all three: page cache, helpers
                     rt.run(spec, layers)
+                    rt_rlimit.run(spec, layers)
                     subprocess.run(bwrap_cmd(rootfs, argv), check=True)
-                sbx_times, bwrap_times = [], []
+                times: dict[str, list[float]] = {"sbx": [], "sbx-rlimit": [], "bwrap": []}
                 for _ in range(args.runs):
-                    t = time.perf_counter()
-                    result = rt.run(spec, layers)
-                    sbx_times.append(time.perf_counter() - t)
-                    if result.verdict is not Verdict.OK:
-                        raise SystemExit(f"sbx run failed: {result}")
+                    for label, runtime in (("sbx", rt), ("sbx-rlimit", rt_rlimit)):
+                        t = time.perf_counter()
+                        result = runtime.run(spec, layers)
+                        times[label].append(time.perf_counter() - t)
+                        if result.verdict is not Verdict.OK:
+                            raise SystemExit(f"sbx run failed: {result}")
                     t = time.perf_counter()
                     subprocess.run(bwrap_cmd(rootfs, argv), check=True)
-                    bwrap_times.append(time.perf_counter() - t)
-                s, b = statistics.median(sbx_times), statistics.median(bwrap_times)
-                print(f"{name:7s} sbx median {s * 1000:6.2f} ms   bwrap median {b * 1000:6.2f} ms"
-                      f"   ratio sbx/bwrap {s / b:.2f}")
+                    times["bwrap"].append(time.perf_counter() - t)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                print(f"{name:7s} " + "   ".join(f"{k} {v * 1000:6.2f} ms" for k, v in med.items())
+                      + f"   ratio sbx/bwrap {med['sbx'] / med['bwrap']:.2f}"
+                      + f"   sbx-rlimit/bwrap {med['sbx-rlimit'] / med['bwrap']:.2f}")
             if args.memory_runs:
                 spec = RunSpec(cmd=["/bin/true"], env=PATH)
                 marks = {}

@@ -103,6 +103,9 @@ class RunCgroup:
     def cpu_time(self) -> float | None:
         return self.driver.cpu_time(self)
 
+    def set_limits(self, memory: int, pids: int) -> None:
+        self.driver.set_limits(self, memory, pids)
+
     def stats(self) -> CgroupStats:
         return self.driver.stats(self)
 
@@ -130,6 +133,9 @@ class CgroupDriver:
         return f"run-{self.owner_pid}-{self._seq}"
 
     def create(self, memory: int, pids: int) -> RunCgroup:
+        raise NotImplementedError
+
+    def set_limits(self, cg: RunCgroup, memory: int, pids: int) -> None:
         raise NotImplementedError
 
     def cpu_time(self, cg: RunCgroup) -> float | None:
@@ -185,12 +191,15 @@ class CgroupV1(CgroupDriver):
         try:
             for path in dirs.values():
                 os.mkdir(path)
-            _write(os.path.join(dirs["memory"], "memory.limit_in_bytes"), str(memory))
-            _write(os.path.join(dirs["pids"], "pids.max"), str(pids))
+            self.set_limits(cg, memory, pids)
         except OSError as exc:
             cg.remove()
             raise SetupError(f"creating cgroup {name}: {exc}", stage="cgroup") from exc
         return cg
+
+    def set_limits(self, cg: RunCgroup, memory: int, pids: int) -> None:
+        _write(os.path.join(cg.dirs["memory"], "memory.limit_in_bytes"), str(memory))
+        _write(os.path.join(cg.dirs["pids"], "pids.max"), str(pids))
 
     def cpu_time(self, cg: RunCgroup) -> float | None:
         path = cg.dirs.get("cpuacct")
@@ -235,14 +244,17 @@ class CgroupV2(CgroupDriver):
         cg = RunCgroup(self, {"unified": path})
         try:
             os.mkdir(path)
-            _write(os.path.join(path, "memory.max"), str(memory))
             if os.path.exists(os.path.join(path, "memory.swap.max")):
                 _write(os.path.join(path, "memory.swap.max"), "0")
-            _write(os.path.join(path, "pids.max"), str(pids))
+            self.set_limits(cg, memory, pids)
         except OSError as exc:
             cg.remove()
             raise SetupError(f"creating cgroup {name}: {exc}", stage="cgroup") from exc
         return cg
+
+    def set_limits(self, cg: RunCgroup, memory: int, pids: int) -> None:
+        _write(os.path.join(cg.dirs["unified"], "memory.max"), str(memory))
+        _write(os.path.join(cg.dirs["unified"], "pids.max"), str(pids))
 
     def cpu_time(self, cg: RunCgroup) -> float | None:
         text = _read(os.path.join(cg.dirs["unified"], "cpu.stat"))

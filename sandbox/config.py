@@ -26,6 +26,8 @@ class RuntimeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Name of the delegated child under each v1 controller."""
     userns: Literal["auto", "subuid", "single"] = "auto"
     """subuid: map /etc/subuid ranges with newuidmap; single: map only our own uid."""
+    warm_spare: bool = True
+    """Keep one container cloned ahead (id-mapped, loopback up) for the next run."""
     run_uid_default: int = 1000
     """In-container uid of untrusted code when a run does not say."""
     registry: str = "127.0.0.1:5000"

@@ -184,28 +184,71 @@ def _exec_failed(plan: PayloadPlan, exc: OSError) -> None:
         os._exit(code)
 
 
-def init_main(*, sync_fd: int, status_fd: int, stdio: tuple[int, int, int],
-              cgroup_fds: tuple[int, ...], rootfs: RootfsPlan, payload: PayloadPlan,
-              program: sc.SeccompProgram | None) -> None:
-    """Body of the cloned child. Never returns."""
+class ContainerPlan(msgspec.Struct, frozen=True):
+    """Everything a container's init needs that depends on the request."""
+
+    rootfs: RootfsPlan
+    payload: PayloadPlan
+    profile: str
+    stdin_path: str
+
+
+class InitFds(msgspec.Struct, frozen=True):
+    """The descriptors a cloned init inherits from the helper."""
+
+    sync: int  # helper -> init: "1" once the id maps are written
+    status: int  # init -> helper: StatusMessage lines
+    stdout: int
+    stderr: int
+    cgroup: tuple[int, ...]  # cgroup.procs files to join
+    plan: int = -1  # helper -> init: the encoded ContainerPlan (spares only)
+
+
+def _read_plan(fd: int) -> ContainerPlan:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    if not chunks:
+        os._exit(SETUP_FAILED_EXIT)  # the helper retired this spare
+    return msgspec.msgpack.decode(b"".join(chunks), type=ContainerPlan)
+
+
+def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
+              plan: ContainerPlan | None = None) -> None:
+    """Body of the cloned child. Never returns.
+
+    With `plan` the request is known at clone time. Without it this is a spare: it does the
+    request-independent steps (id maps, loopback) ahead of time and then waits on `fds.plan`.
+    """
     stage = "init"
     try:
         # If the helper is already gone the sync read below sees EOF and we stop there.
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        _close_all_except({sync_fd, status_fd, *stdio, *cgroup_fds})
+        _close_all_except({fds.sync, fds.status, fds.stdout, fds.stderr, fds.plan, *fds.cgroup})
         stage = "userns"
-        if os.read(sync_fd, 1) != b"1":
+        if os.read(fds.sync, 1) != b"1":
             os._exit(SETUP_FAILED_EXIT)
-        os.close(sync_fd)
-        stage = "rootfs"
-        build_root(rootfs)
-        stage = "hostname"
-        sc.sethostname(payload.hostname)
+        os.close(fds.sync)
         stage = "network"
         bring_up_loopback()
-        path = _drop_to_payload(payload, stdio, cgroup_fds, status_fd, program)
+        if plan is None:
+            stage = "plan"
+            plan = _read_plan(fds.plan)
+        stage = "stdin"
+        stdin = os.open(plan.stdin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        stage = "rootfs"
+        build_root(plan.rootfs)
+        stage = "hostname"
+        sc.sethostname(plan.payload.hostname)
+        stdio = (stdin, fds.stdout, fds.stderr)
+        path = _drop_to_payload(plan.payload, stdio, fds.cgroup, fds.status,
+                                programs[plan.profile])
         stage = "exec"
-        child = _start_payload(payload, path)
+        child = _start_payload(plan.payload, path)
         # Init writes nothing to the payload's stdio: closing its copies lets the helper see
         # EOF the moment the payload's last process is gone.
         for fd in (0, 1, 2):
@@ -213,9 +256,9 @@ def init_main(*, sync_fd: int, status_fd: int, stdio: tuple[int, int, int],
     except Exception as exc:  # noqa: BLE001 - every failure is a named setup stage
         stage = getattr(exc, "stage", stage)
         message = getattr(exc, "detail", None) or str(exc)
-        _report(status_fd, StatusMessage("setup_error", stage=stage, message=message))
+        _report(fds.status, StatusMessage("setup_error", stage=stage, message=message))
         os._exit(SETUP_FAILED_EXIT)
-    _reap_until(child, status_fd)
+    _reap_until(child, fds.status)
 
 
 def _reap_until(child: int, status_fd: int) -> None:

@@ -32,11 +32,11 @@ from sandbox import cgroups, copyio, seccomp, upperdiff, userns
 from sandbox import syscalls as sc
 from sandbox.config import RuntimeSettings
 from sandbox.errors import SetupError
-from sandbox.container import PayloadPlan, StatusMessage, init_main
+from sandbox.container import ContainerPlan, InitFds, PayloadPlan, StatusMessage, init_main
 from sandbox.protocol import (ErrorReply, FrameBuffer, Hello, KillRequest, Mapped, Ready,
                               RunReply, RunRequest, encode, recv_message)
 from sandbox.rootfs import Bind, RootfsPlan, prepare_dev_template
-from sandbox.spec import MiB, RunResult, RunSpec, Verdict
+from sandbox.spec import Limits, MiB, RunResult, RunSpec, Verdict
 from sandbox.verdict import Observation, decide
 
 CONTAINER_FLAGS = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC
@@ -45,6 +45,46 @@ CPU_POLL_INTERVAL = 0.02
 """Seconds between reads of a run's cgroup CPU usage."""
 READ_CHUNK = 1 << 16
 STDERR_TAIL = 4096
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class Slot:
+    """A run's resources, made before (spare) or when (direct) its request arrives."""
+
+    def __init__(self, run_dir: str, limits: Limits) -> None:
+        self.run_dir = run_dir
+        self.limits = limits
+        self.pid = 0
+        self.pidfd = -1
+        self.cgroup: cgroups.RunCgroup | None = None
+        self.cgroup_fds: tuple[int, ...] = ()
+        self.out_r = self.out_w = self.err_r = self.err_w = -1
+        self.status_r = self.status_w = self.plan_r = self.plan_w = -1
+
+    @staticmethod
+    def tmpfs_size(limits: Limits) -> int:
+        return limits.disk + MiB
+
+    def close_child_ends(self) -> None:
+        """The container holds these now; the helper keeps only its own ends."""
+        for name in ("out_w", "err_w", "status_w", "plan_r"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        for fd in self.cgroup_fds:
+            os.close(fd)
+        self.cgroup_fds = ()
+
+    def close_all(self) -> None:
+        self.close_child_ends()
+        for name in ("out_r", "err_r", "status_r", "plan_w"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
 
 
 class ActiveRun:
@@ -121,6 +161,7 @@ class Helper:
         os.mkdir(self.dev_template, 0o755)
         prepare_dev_template(self.dev_template)
         self.seq = 0
+        self.spare: Slot | None = None
 
     def info(self) -> dict[str, str]:
         return {"limits_mode": self.cgroup.mode if self.cgroup else "rlimit",
@@ -134,6 +175,9 @@ class Helper:
         self.sock.setblocking(False)
         self.selector.register(self.sock, selectors.EVENT_READ, None)
         while True:
+            if (self.spare is None and self.settings.warm_spare
+                    and not any(not r.replied for r in self.runs.values())):
+                self._make_spare()  # idle: nothing is waiting on this process
             timeout = self._next_timeout()
             for key, _ in self.selector.select(timeout):
                 if key.fileobj is self.sock:
@@ -179,6 +223,9 @@ class Helper:
             self.sock.setblocking(False)
 
     def _shutdown(self) -> None:
+        if self.spare is not None:
+            self._discard(self.spare)
+            self.spare = None
         for run in list(self.runs.values()):
             run.kill("cancel")
 
@@ -196,97 +243,177 @@ class Helper:
                     run.kill("cpu")
 
     # -- start --------------------------------------------------------------------------------
+    #
+    # A slot is a run's resources made before the request is known: its tmpfs, cgroup, pipes.
+    # A spare is a slot with a container already cloned into it, id-mapped and with loopback
+    # up, waiting on a pipe for its plan: the clone, the maps and the first copy-on-write
+    # faults of the cloned interpreter are paid while the previous run executes, not on the
+    # caller's path. Requests that need what a spare cannot give get a fresh clone instead.
 
     def _start(self, req: RunRequest) -> None:
-        self.seq += 1
-        run = ActiveRun(req.key, req.spec, os.path.join(self.scratch, f"r{self.seq}"),
-                        req.diff_tar)
+        slot = self._take_spare(req)
         try:
-            self._launch(run, req)
+            if slot is None:
+                slot = self._new_slot(req.spec.limits)
+                self._configure(slot, req)
+                self._clone(slot, self._plan(slot, req))
+            else:
+                self._configure(slot, req)
+                self._send_plan(slot, self._plan(slot, req))
         except Exception as exc:  # noqa: BLE001 - reported as SETUP_ERROR of this run
             stage = getattr(exc, "stage", "prepare")
-            if run.pid:
-                run.kill("cancel")
-                os.waitpid(run.pid, 0)
-            self._cleanup(run)
+            if slot is not None:
+                self._discard(slot)
             self._send(RunReply(req.key, RunResult(verdict=Verdict.SETUP_ERROR, stage=stage,
                                                    message=str(exc))))
+            return
+        self._activate(slot, req)
+        if self.spare is None:
+            self._make_spare()  # cloned while this run executes, ready for the next
 
-    def _launch(self, run: ActiveRun, req: RunRequest) -> None:
-        spec = req.spec
-        lim = spec.limits
-        os.mkdir(run.run_dir, 0o700)
-        sc.mount("tmpfs", run.run_dir, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
-                 f"size={lim.disk + len(spec.stdin) + MiB},mode=0700")
-        for name in ("upper", "work", "root", "box"):
-            os.mkdir(os.path.join(run.run_dir, name), 0o755)
-        box = os.path.join(run.run_dir, "box")
+    def _take_spare(self, req: RunRequest) -> "Slot | None":
+        slot, self.spare = self.spare, None
+        if slot is None:
+            return None
+        if req.binds or req.spec.network != "none":
+            # Binds and networks may name mounts or namespaces made after the spare's clone.
+            self.spare = slot
+            return None
+        return slot
+
+    def _make_spare(self) -> None:
+        if not self.settings.warm_spare:
+            return
+        try:
+            slot = self._new_slot(DEFAULT_LIMITS)
+            self._clone(slot, None)
+        except Exception:  # noqa: BLE001 - no spare: the next run clones on demand
+            return
+        self.spare = slot
+
+    def _new_slot(self, limits) -> "Slot":
+        self.seq += 1
+        slot = Slot(os.path.join(self.scratch, f"r{self.seq}"), limits)
+        try:
+            os.mkdir(slot.run_dir, 0o700)
+            sc.mount("tmpfs", slot.run_dir, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
+                     f"size={slot.tmpfs_size(limits)},mode=0700")
+            for name in ("upper", "work", "root", "box"):
+                os.mkdir(os.path.join(slot.run_dir, name), 0o755)
+            slot.out_r, slot.out_w = os.pipe2(os.O_CLOEXEC)
+            slot.err_r, slot.err_w = os.pipe2(os.O_CLOEXEC)
+            slot.status_r, slot.status_w = os.pipe2(os.O_CLOEXEC)
+            slot.plan_r, slot.plan_w = os.pipe2(os.O_CLOEXEC)
+            if self.cgroup:
+                slot.cgroup = self.cgroup.create(limits.memory, limits.pids + 1)  # +1: init
+                slot.cgroup_fds = tuple(os.open(p, os.O_WRONLY | os.O_CLOEXEC)
+                                        for p in slot.cgroup.procs_files)
+        except BaseException:
+            self._discard(slot)
+            raise
+        return slot
+
+    def _configure(self, slot: "Slot", req: RunRequest) -> None:
+        """Fit a slot to the request: sizes, limits, ownership, files, stdin."""
+        spec, lim = req.spec, req.spec.limits
+        size = slot.tmpfs_size(lim) + len(spec.stdin)
+        if size != slot.tmpfs_size(slot.limits):
+            sc.mount(None, slot.run_dir, None, sc.MS_REMOUNT | sc.MS_NOSUID | sc.MS_NODEV,
+                     f"size={size}")
+        if slot.cgroup and (lim.memory, lim.pids) != (slot.limits.memory, slot.limits.pids):
+            slot.cgroup.set_limits(lim.memory, lim.pids + 1)
+        box = os.path.join(slot.run_dir, "box")
         os.chown(box, spec.uid, spec.gid)
         copyio.copy_in(box, spec.files, spec.uid, spec.gid)
-        stdin_path = os.path.join(run.run_dir, "stdin")
-        with open(stdin_path, "wb") as f:
-            f.write(spec.stdin)
-        fds: list[int] = []
+        fd = os.open(os.path.join(slot.run_dir, "stdin"),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
         try:
-            stdin_fd = os.open(stdin_path, os.O_RDONLY | os.O_CLOEXEC)
-            fds.append(stdin_fd)
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            status_r, status_w = os.pipe2(os.O_CLOEXEC)
-            sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
-            fds += [out_w, err_w, status_w, sync_r]
-            cg_fds: tuple[int, ...] = ()
-            if self.cgroup:
-                run.cgroup = self.cgroup.create(lim.memory, lim.pids + 1)  # +1: init
-                cg_fds = tuple(os.open(p, os.O_WRONLY | os.O_CLOEXEC)
-                               for p in run.cgroup.procs_files)
-                fds += cg_fds
-            rootfs = RootfsPlan(
-                run_dir=run.run_dir, dev_template=self.dev_template, layers=req.rootfs.layers,
-                binds=(Bind(box, spec.workdir), *req.binds),
-                tmp_size=lim.disk, shm_size=min(lim.disk, 64 * MiB),
-                read_only_root=spec.read_only_root)
-            payload = PayloadPlan(argv=tuple(spec.cmd), env=dict(spec.env), workdir=spec.workdir,
-                                  uid=spec.uid, gid=spec.gid,
-                                  rlimits=_rlimits(spec, self.cgroup is not None),
-                                  hostname=spec.hostname,
-                                  last_cap=self.last_cap,
-                                  address_space_limit=0 if self.cgroup else lim.memory)
-            program = self.programs[spec.seccomp]
+            view = memoryview(spec.stdin)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    def _plan(self, slot: "Slot", req: RunRequest) -> ContainerPlan:
+        spec, lim = req.spec, req.spec.limits
+        rootfs = RootfsPlan(
+            run_dir=slot.run_dir, dev_template=self.dev_template, layers=req.rootfs.layers,
+            binds=(Bind(os.path.join(slot.run_dir, "box"), spec.workdir), *req.binds),
+            tmp_size=lim.disk, shm_size=min(lim.disk, 64 * MiB),
+            read_only_root=spec.read_only_root)
+        payload = PayloadPlan(argv=tuple(spec.cmd), env=dict(spec.env), workdir=spec.workdir,
+                              uid=spec.uid, gid=spec.gid,
+                              rlimits=_rlimits(spec, self.cgroup is not None),
+                              hostname=spec.hostname, last_cap=self.last_cap,
+                              address_space_limit=0 if self.cgroup else lim.memory)
+        return ContainerPlan(rootfs, payload, spec.seccomp, os.path.join(slot.run_dir, "stdin"))
+
+    def _clone(self, slot: "Slot", plan: ContainerPlan | None) -> None:
+        """Clone the container into `slot`: with its plan, or as a spare waiting for one."""
+        sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+        fds = InitFds(sync=sync_r, status=slot.status_w, stdout=slot.out_w, stderr=slot.err_w,
+                      cgroup=slot.cgroup_fds, plan=slot.plan_r if plan is None else -1)
+        try:
             pid = sc.clone(CONTAINER_FLAGS)
             if pid == 0:
                 try:
-                    init_main(sync_fd=sync_r, status_fd=status_w,
-                              stdio=(stdin_fd, out_w, err_w), cgroup_fds=cg_fds,
-                              rootfs=rootfs, payload=payload, program=program)
+                    init_main(fds, self.programs, plan)
                 finally:
                     os._exit(125)
-            run.pid = pid
-            run.pidfd = sc.pidfd_open(pid)
+            slot.pid = pid
+            slot.pidfd = sc.pidfd_open(pid)
+            slot.close_child_ends()
+            os.close(sync_r)
+            sync_r = -1
+            try:
+                userns.write_nested_maps(pid, self.mapping)
+            except OSError as exc:
+                raise SetupError(f"writing nested id maps: {exc}", stage="userns") from exc
+            os.write(sync_w, b"1")
         finally:
-            for fd in fds:
-                os.close(fd)
-        try:
-            userns.write_nested_maps(pid, self.mapping)
-        except OSError as exc:
             os.close(sync_w)
-            for fd in (out_r, err_r, status_r):
-                os.close(fd)
-            raise SetupError(f"writing nested id maps: {exc}", stage="userns") from exc
-        os.write(sync_w, b"1")
-        os.close(sync_w)
+            if sync_r >= 0:
+                os.close(sync_r)
+
+    def _send_plan(self, slot: "Slot", plan: ContainerPlan) -> None:
+        data = msgspec.msgpack.encode(plan)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(slot.plan_w, view):]
+        except OSError as exc:
+            raise SetupError(f"the waiting container is gone: {exc}", stage="plan") from exc
+        finally:
+            os.close(slot.plan_w)
+            slot.plan_w = -1
+
+    def _activate(self, slot: "Slot", req: RunRequest) -> None:
+        run = ActiveRun(req.key, req.spec, slot.run_dir, req.diff_tar)
+        run.pid, run.pidfd, run.cgroup = slot.pid, slot.pidfd, slot.cgroup
         now = time.monotonic()
         run.started = now
-        run.deadline = now + lim.wall_time
+        run.deadline = now + req.spec.limits.wall_time
         run.next_cpu_poll = now + CPU_POLL_INTERVAL
         self.runs[run.key] = run
-        for fd, stream in ((out_r, 1), (err_r, 2), (status_r, 0)):
+        for fd, stream in ((slot.out_r, 1), (slot.err_r, 2), (slot.status_r, 0)):
             os.set_blocking(fd, False)
             run.pipes[fd] = stream
             self.by_fd[fd] = run
             self.selector.register(fd, selectors.EVENT_READ, None)
         self.by_fd[run.pidfd] = run
         self.selector.register(run.pidfd, selectors.EVENT_READ, None)
+
+    def _discard(self, slot: "Slot") -> None:
+        """Undo a slot that never became a run (or a spare at shutdown)."""
+        if slot.pidfd >= 0:
+            sc.pidfd_send_signal(slot.pidfd, signal.SIGKILL)
+            os.close(slot.pidfd)
+        if slot.pid:
+            os.waitpid(slot.pid, 0)
+        slot.close_all()
+        run = ActiveRun("", RunSpec(cmd=["-"]), slot.run_dir, None)
+        run.cgroup = slot.cgroup
+        self._cleanup(run)
 
     # -- progress -----------------------------------------------------------------------------
     #
@@ -458,6 +585,7 @@ def main() -> None:
     # each container's init. Freeze what exists and leave the rest to reference counting.
     gc.freeze()
     gc.disable()
+    helper._make_spare()
     sock.sendall(encode(Ready(helper.info())))
     helper.serve()
 

@@ -99,6 +99,9 @@ def build_filter(profile: Profile) -> pyseccomp.SyscallFilter:
         raise ValueError(f"syscalls both allowed and denied: {sorted(overlap)}")
     flt = pyseccomp.SyscallFilter(pyseccomp.ERRNO(errno.EPERM))
     flt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+    # A binary tree of syscall numbers: the kernel emulates the filter for every syscall
+    # number when it is attached (its action cache), so a shallow tree loads faster, every run.
+    flt.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)
     for name in profile.allowed:
         flt.add_rule(pyseccomp.ALLOW, name)
     deny = pyseccomp.KILL_PROCESS if profile.deny_action == "kill" else pyseccomp.ERRNO(errno.EPERM)

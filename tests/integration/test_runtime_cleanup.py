@@ -52,13 +52,20 @@ def helper_children(helper: int) -> list[int]:
         return []
 
 
-def run_cgroups(helper: int) -> list[str]:
-    found = []
+def run_cgroups(helper: int) -> set[str]:
+    """Names of the helper's run cgroups, over every v1 controller."""
+    found = set()
     for ctrl in ("memory", "pids", "cpuacct"):
         base = f"/sys/fs/cgroup/{ctrl}/sbx"
         if os.path.isdir(base):
-            found += [e for e in os.listdir(base) if e.startswith(f"run-{helper}-")]
+            found |= {e for e in os.listdir(base) if e.startswith(f"run-{helper}-")}
     return found
+
+
+def settled(scratch: str) -> bool:
+    """Only the /dev template and at most one slot (the spare) in the helper's scratch."""
+    entries = set(os.listdir(scratch))
+    return "dev" in entries and len(entries - {"dev"}) <= 1
 
 
 def test_double_forked_orphan_is_killed(runtime, busybox):
@@ -74,8 +81,7 @@ def test_two_hundred_runs_leave_nothing_behind(runtime, busybox):
     helper = runtime.helper_pid
     runtime.run(sh("true"), busybox)  # warm: first-run lazies are not leaks
     scratch = f"/proc/{helper}/root{runtime.settings.scratch_dir}"
-    wait_until(lambda: sorted(os.listdir(scratch)) == ["dev"], timeout=5,
-               what="the warm-up run's scratch to go")
+    wait_until(lambda: settled(scratch), timeout=5, what="the warm-up run's scratch to go")
     fds_before = len(os.listdir("/proc/self/fd"))
     mounts_before = open(f"/proc/{helper}/mountinfo").read().count("\n")
     threads_before = threading.active_count()
@@ -87,14 +93,15 @@ def test_two_hundred_runs_leave_nothing_behind(runtime, busybox):
         verdicts.add(r.verdict)
     assert verdicts == {Verdict.OK, Verdict.NONZERO_EXIT, Verdict.OUTPUT_LIMIT}
     # The helper answers before it unmounts the last run's scratch: let it finish.
-    wait_until(lambda: open(f"/proc/{helper}/mountinfo").read().count("\n") == mounts_before,
+    wait_until(lambda: open(f"/proc/{helper}/mountinfo").read().count("\n") <= mounts_before,
                timeout=5, what="the last run's mounts to go")
     assert len(os.listdir("/proc/self/fd")) == fds_before
     assert threading.active_count() == threads_before
-    assert helper_children(helper) == []
+    # What may remain is the one spare container the helper keeps cloned for the next run.
+    assert len(helper_children(helper)) <= 1
     assert container_processes("sbx-200-runs") == []
-    assert run_cgroups(helper) == []
-    assert sorted(os.listdir(scratch)) == ["dev"]
+    assert len(run_cgroups(helper)) <= 1
+    assert settled(scratch)
 
 
 def test_helper_killed_mid_run_fails_the_run_and_recovers(tmp_path, busybox):
