@@ -252,14 +252,18 @@ class Helper:
 
     def _start(self, req: RunRequest) -> None:
         slot = self._take_spare(req)
+        if slot is not None:
+            try:
+                self._configure(slot, req)
+                self._send_plan(slot, self._plan(slot, req))
+            except Exception:  # noqa: BLE001 - the spare died or did not fit: clone afresh
+                self._discard(slot)
+                slot = None
         try:
             if slot is None:
                 slot = self._new_slot(req.spec.limits)
                 self._configure(slot, req)
                 self._clone(slot, self._plan(slot, req))
-            else:
-                self._configure(slot, req)
-                self._send_plan(slot, self._plan(slot, req))
         except Exception as exc:  # noqa: BLE001 - reported as SETUP_ERROR of this run
             stage = getattr(exc, "stage", "prepare")
             if slot is not None:

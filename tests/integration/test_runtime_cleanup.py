@@ -148,3 +148,18 @@ def test_close_stops_the_helper(tmp_path, busybox):
     time.sleep(0.1)
     assert not os.path.exists(f"/proc/{helper}/status") or \
         "zombie" in open(f"/proc/{helper}/status").read()
+
+
+def test_a_dead_spare_is_replaced_not_reported(tmp_path, busybox):
+    rt = Runtime(RuntimeSettings(state_dir=str(tmp_path)))
+    try:
+        assert rt.run(sh("true"), busybox).verdict is Verdict.OK
+        helper = rt.helper_pid
+        wait_until(lambda: len(helper_children(helper)) == 1, timeout=5, what="a spare")
+        (spare,) = helper_children(helper)
+        os.kill(spare, signal.SIGKILL)
+        time.sleep(0.1)
+        r = rt.run(sh("echo fine"), busybox)
+        assert r.verdict is Verdict.OK and r.stdout == b"fine\n"
+    finally:
+        rt.close()
