@@ -48,6 +48,10 @@ class RuntimeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     egress_allow: tuple[str, ...] = ()
     """Where egress may go: "CIDR", "CIDR:PORT" or "CIDR:LOW-HIGH" (TCP and UDP). Nothing else
     is reachable; the host's loopback and own addresses never are, whatever is listed."""
+    egress_netns: str = ""
+    """Path of a network namespace (e.g. /proc/PID/ns/net, or a link to one) that egress
+    leaves from; empty: the host's. It must belong to the runtime's user namespace or one
+    below it. Lets an operator route runs through a namespace of their own."""
 
     @property
     def v2_root(self) -> str:

@@ -26,7 +26,7 @@ import signal
 import msgspec
 
 from sandbox import syscalls as sc
-from sandbox.network import bring_up_loopback
+from sandbox.network import bring_up_loopback, configure_interface
 from sandbox.rootfs import RootfsPlan, build_root
 
 SETUP_FAILED_EXIT = 125
@@ -47,6 +47,9 @@ class PayloadPlan(msgspec.Struct, frozen=True):
     """Highest capability number of this kernel (read once by the helper)."""
     address_space_limit: int = 0
     """RLIMIT_AS for the payload alone (rlimit mode); 0 when a cgroup limits memory."""
+    net_address: str = ""
+    """IPv4 address of eth0 on a private job network (the helper made eth0); "" for none."""
+    net_prefixlen: int = 24
 
 
 class StatusMessage(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -238,6 +241,9 @@ def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
         if plan is None:
             stage = "plan"
             plan = _read_plan(fds.plan)
+        if plan.payload.net_address:
+            stage = "network"
+            configure_interface("eth0", plan.payload.net_address, plan.payload.net_prefixlen)
         stage = "stdin"
         stdin = os.open(plan.stdin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         stage = "rootfs"

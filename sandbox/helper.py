@@ -33,8 +33,9 @@ from sandbox import syscalls as sc
 from sandbox.config import RuntimeSettings
 from sandbox.errors import SetupError
 from sandbox.container import ContainerPlan, InitFds, PayloadPlan, StatusMessage, init_main
-from sandbox.protocol import (ErrorReply, FrameBuffer, Hello, KillRequest, Mapped, Ready,
-                              RunReply, RunRequest, encode, recv_message)
+from sandbox.helper_netvol import NetVol, NetVolMixin
+from sandbox.protocol import (ErrorReply, FrameBuffer, Hello, KillRequest, Mapped, NetworkRequest,
+                              ProbeRequest, Ready, RunReply, RunRequest, encode, recv_message)
 from sandbox.rootfs import Bind, RootfsPlan, prepare_dev_template
 from sandbox.spec import Limits, MiB, RunResult, RunSpec, Verdict
 from sandbox.verdict import Observation, decide
@@ -60,12 +61,14 @@ class Slot:
         self.pidfd = -1
         self.cgroup: cgroups.RunCgroup | None = None
         self.cgroup_fds: tuple[int, ...] = ()
+        self.netvol = NetVol()  # networks and volumes (sandbox.helper_netvol)
         self.out_r = self.out_w = self.err_r = self.err_w = -1
         self.status_r = self.status_w = self.plan_r = self.plan_w = -1
 
     @staticmethod
     def tmpfs_size(limits: Limits) -> int:
-        return limits.disk + MiB
+        """The run's root upper dir, work directory and /tmp share `disk` bytes."""
+        return limits.disk
 
     def close_child_ends(self) -> None:
         """The container holds these now; the helper keeps only its own ends."""
@@ -109,6 +112,7 @@ class ActiveRun:
         self.finished_at: float | None = None  # init reported, or died
         self.exited = False  # init reaped
         self.replied = False
+        self.netvol = NetVol()
 
     def kill(self, reason: str) -> None:
         if self.killed_for is None:
@@ -140,7 +144,7 @@ def _rlimits(spec: RunSpec, use_cgroup: bool) -> tuple[tuple[int, int, int], ...
     return tuple(out)
 
 
-class Helper:
+class Helper(NetVolMixin):
     def __init__(self, sock: socket.socket, settings: RuntimeSettings,
                  mapping: userns.IdMapping) -> None:
         self.sock = sock
@@ -162,6 +166,7 @@ class Helper:
         prepare_dev_template(self.dev_template)
         self.seq = 0
         self.spare: Slot | None = None
+        self._netvol_init()
 
     def info(self) -> dict[str, str]:
         return {"limits_mode": self.cgroup.mode if self.cgroup else "rlimit",
@@ -209,9 +214,11 @@ class Helper:
             if isinstance(msg, RunRequest):
                 self._start(msg)
             elif isinstance(msg, KillRequest):
-                run = self.runs.get(msg.key)
-                if run:
-                    run.kill("cancel")
+                for key, run in list(self.runs.items()):
+                    if key == msg.key or key.startswith(msg.key + "/"):  # a job's services too
+                        run.kill("cancel")
+            elif isinstance(msg, (NetworkRequest, ProbeRequest)):
+                self._netvol_request(msg)
         return True
 
     def _send(self, msg) -> None:
@@ -228,6 +235,7 @@ class Helper:
             self.spare = None
         for run in list(self.runs.values()):
             run.kill("cancel")
+        self._netvol_shutdown()
 
     def _check_timers(self) -> None:
         now = time.monotonic()
@@ -279,7 +287,7 @@ class Helper:
         slot, self.spare = self.spare, None
         if slot is None:
             return None
-        if req.binds or req.spec.network != "none":
+        if req.binds or req.volumes or req.spec.network != "none":
             # Binds and networks may name mounts or namespaces made after the spare's clone.
             self.spare = slot
             return None
@@ -337,19 +345,21 @@ class Helper:
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
+        self._netvol_configure(slot, req)
 
     def _plan(self, slot: "Slot", req: RunRequest) -> ContainerPlan:
         spec, lim = req.spec, req.spec.limits
         rootfs = RootfsPlan(
             run_dir=slot.run_dir, dev_template=self.dev_template, layers=req.rootfs.layers,
-            binds=(Bind(os.path.join(slot.run_dir, "box"), spec.workdir), *req.binds),
-            tmp_size=lim.disk, shm_size=min(lim.disk, 64 * MiB),
-            read_only_root=spec.read_only_root)
+            binds=(Bind(os.path.join(slot.run_dir, "box"), spec.workdir), *req.binds,
+                   *slot.netvol.binds),
+            tmp_size=lim.disk, read_only_root=spec.read_only_root)
         payload = PayloadPlan(argv=tuple(spec.cmd), env=dict(spec.env), workdir=spec.workdir,
                               uid=spec.uid, gid=spec.gid,
                               rlimits=_rlimits(spec, self.cgroup is not None),
                               hostname=spec.hostname, last_cap=self.last_cap,
-                              address_space_limit=0 if self.cgroup else lim.memory)
+                              address_space_limit=0 if self.cgroup else lim.memory,
+                              **self._netvol_payload(slot))
         return ContainerPlan(rootfs, payload, spec.seccomp, os.path.join(slot.run_dir, "stdin"))
 
     def _clone(self, slot: "Slot", plan: ContainerPlan | None) -> None:
@@ -373,6 +383,8 @@ class Helper:
                 userns.write_nested_maps(pid, self.mapping)
             except OSError as exc:
                 raise SetupError(f"writing nested id maps: {exc}", stage="userns") from exc
+            if plan is not None:
+                self._netvol_connect(slot, pid)
             os.write(sync_w, b"1")
         finally:
             os.close(sync_w)
@@ -394,6 +406,7 @@ class Helper:
     def _activate(self, slot: "Slot", req: RunRequest) -> None:
         run = ActiveRun(req.key, req.spec, slot.run_dir, req.diff_tar)
         run.pid, run.pidfd, run.cgroup = slot.pid, slot.pidfd, slot.cgroup
+        run.netvol = slot.netvol
         now = time.monotonic()
         run.started = now
         run.deadline = now + req.spec.limits.wall_time
@@ -417,6 +430,7 @@ class Helper:
         slot.close_all()
         run = ActiveRun("", RunSpec(cmd=["-"]), slot.run_dir, None)
         run.cgroup = slot.cgroup
+        run.netvol = slot.netvol
         self._cleanup(run)
 
     # -- progress -----------------------------------------------------------------------------
@@ -488,6 +502,7 @@ class Helper:
             run.replied = True
             try:
                 result = self._result(run, run.finished_at - run.started)
+                result = self._netvol_settle(run, result)
             except Exception as exc:  # noqa: BLE001
                 result = RunResult(verdict=Verdict.INTERNAL_ERROR,
                                    message=f"collecting result: {exc}")

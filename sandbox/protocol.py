@@ -13,6 +13,7 @@ import msgspec
 
 from sandbox.rootfs import Bind
 from sandbox.spec import Rootfs, RunResult, RunSpec
+from sandbox.volumes import VolumeBind
 
 MAX_FRAME = 1 << 31
 _HEADER = struct.Struct(">I")
@@ -31,12 +32,47 @@ class Ready(msgspec.Struct, tag="ready", frozen=True):
     info: dict[str, str]
 
 
+class NetAttach(msgspec.Struct, frozen=True):
+    """Put a run on private network `network` as `member` (its host name there)."""
+
+    network: str
+    member: str
+
+
 class RunRequest(msgspec.Struct, tag="run", frozen=True):
     key: str
     spec: RunSpec
     rootfs: Rootfs
     binds: tuple[Bind, ...] = ()
     diff_tar: str | None = None
+    volumes: tuple[VolumeBind, ...] = ()
+    net: NetAttach | None = None
+
+
+class NetworkRequest(msgspec.Struct, tag="network", frozen=True):
+    """Create (with its members, in address order) or remove a private job network."""
+
+    key: str
+    op: str  # "create" | "remove"
+    network: str
+    members: tuple[str, ...] = ()
+
+
+class ProbeRequest(msgspec.Struct, tag="probe", frozen=True):
+    """Is anything in run `run`'s network namespace listening on TCP `port`?"""
+
+    key: str
+    run: str
+    port: int
+
+
+class OpReply(msgspec.Struct, tag="op", frozen=True):
+    """Answer to a NetworkRequest or ProbeRequest."""
+
+    key: str
+    ok: bool
+    message: str = ""
+    values: dict[str, str] = {}
 
 
 class KillRequest(msgspec.Struct, tag="kill", frozen=True):
@@ -54,7 +90,8 @@ class ErrorReply(msgspec.Struct, tag="error", frozen=True):
     stage: str
 
 
-Message = Hello | Mapped | Ready | RunRequest | KillRequest | RunReply | ErrorReply
+Message = (Hello | Mapped | Ready | RunRequest | KillRequest | RunReply | ErrorReply
+           | NetworkRequest | ProbeRequest | OpReply)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -23,11 +23,14 @@ import msgspec
 
 from sandbox import userns
 from sandbox.config import RuntimeSettings
-from sandbox.errors import SetupError
-from sandbox.protocol import (ErrorReply, Hello, KillRequest, Mapped, Ready, RunReply, RunRequest,
-                              encode, recv_message)
+from sandbox.errors import InvalidSpec, NetworkError, SetupError
+from sandbox.network import check_members
+from sandbox.protocol import (ErrorReply, Hello, KillRequest, Mapped, NetAttach, NetworkRequest,
+                              OpReply, ProbeRequest, Ready, RunReply, RunRequest, encode,
+                              recv_message)
 from sandbox.rootfs import Bind
 from sandbox.spec import Rootfs, RunResult, RunSpec, Verdict, check_absolute_path, validate_spec
+from sandbox.volumes import VolumeBind
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,6 +39,7 @@ class _Pending:
     def __init__(self) -> None:
         self.event = threading.Event()
         self.result: RunResult | None = None
+        self.reply: OpReply | None = None  # network and probe requests
 
 
 class Runtime:
@@ -108,6 +112,12 @@ class Runtime:
                         pending.result = RunResult(verdict=Verdict.SETUP_ERROR, stage=msg.stage,
                                                    message=msg.message)
                     pending.event.set()
+                elif isinstance(msg, OpReply):
+                    with self._lock:
+                        pending = self._pending.pop(msg.key, None)
+                    if pending is not None:
+                        pending.reply = msg
+                        pending.event.set()
         except (OSError, ConnectionError, msgspec.DecodeError):
             pass
         proc.wait()
@@ -157,16 +167,28 @@ class Runtime:
         return f"{os.getpid()}-{next(self._keys)}"
 
     def run(self, spec: RunSpec, rootfs: Rootfs, *, binds: tuple[Bind, ...] = (),
-            diff_tar: str | None = None, key: str | None = None) -> RunResult:
-        """Run one container to completion. Raises InvalidSpec for a bad spec."""
+            diff_tar: str | None = None, key: str | None = None,
+            volumes: tuple[VolumeBind, ...] = (), network: NetAttach | None = None) -> RunResult:
+        """Run one container to completion. Raises InvalidSpec for a bad spec.
+
+        `volumes` come from `VolumeStore.attach` (which holds their locks for the run);
+        `network` puts a run whose spec says "private" on a network from `create_network`
+        (without it such a run gets a network of its own)."""
         validate_spec(spec)
         for bind in binds:
             check_absolute_path(bind.target, field="volumes.path")
         if not rootfs.layers:
             raise SetupError("image has no layers", stage="rootfs")
+        if spec.network == "egress" and not self.settings.egress:
+            raise InvalidSpec("network 'egress' is disabled on this server", field="network")
+        if network is not None and spec.network != "private":
+            raise InvalidSpec("a run on a job network must ask for network 'private'",
+                              field="network")
+        if spec.network == "private" and network is None:
+            return self._run_alone(spec, rootfs, binds, diff_tar, key, volumes)
         key = key or self.new_key()
         pending = _Pending()
-        request = encode(RunRequest(key, spec, rootfs, binds, diff_tar))
+        request = encode(RunRequest(key, spec, rootfs, binds, diff_tar, volumes, network))
         with self._lock:
             if self._closed:
                 raise SetupError("runtime is closed", stage="helper")
@@ -185,6 +207,60 @@ class Runtime:
         pending.event.wait()
         assert pending.result is not None
         return pending.result
+
+    def _run_alone(self, spec, rootfs, binds, diff_tar, key, volumes) -> RunResult:
+        member = spec.hostname.lower()
+        net = self.create_network([member])
+        try:
+            return self.run(spec, rootfs, binds=binds, diff_tar=diff_tar, key=key,
+                            volumes=volumes, network=NetAttach(net, member))
+        finally:
+            self.remove_network(net)
+
+    def _call(self, make) -> OpReply:
+        """Send the request `make(key)` and wait for its OpReply."""
+        key = f"op-{self.new_key()}"
+        pending = _Pending()
+        with self._lock:
+            if self._closed:
+                raise SetupError("runtime is closed", stage="helper")
+            if self._sock is None:
+                self._start()
+            sock = self._sock
+            self._pending[key] = pending
+        try:
+            with self._send_lock:
+                sock.sendall(encode(make(key)))
+        except OSError:
+            with self._lock:
+                self._pending.pop(key, None)
+            raise SetupError("the runtime helper is gone", stage="helper") from None
+        pending.event.wait()
+        if pending.reply is None:
+            raise SetupError("the runtime helper exited", stage="helper")
+        return pending.reply
+
+    def create_network(self, members) -> str:
+        """A private network for one job; `members` are the host names on it, in order of
+        address (10.88.0.2, .3, ...). Returns its id, for `run(network=...)`."""
+        members = check_members(members)
+        net = f"n{self.new_key()}"
+        reply = self._call(lambda key: NetworkRequest(key, "create", net, members))
+        if not reply.ok:
+            raise NetworkError(reply.message)
+        return net
+
+    def remove_network(self, network: str) -> None:
+        """Drop a job network (containers still on it lose their link)."""
+        reply = self._call(lambda key: NetworkRequest(key, "remove", network))
+        if not reply.ok:
+            raise NetworkError(reply.message)
+
+    def probe(self, key: str, port: int) -> str:
+        """"listening" once something in run `key`'s network namespace listens on TCP
+        `port`, "waiting" before, "gone" when there is no such run (any more)."""
+        reply = self._call(lambda op_key: ProbeRequest(op_key, key, port))
+        return reply.values.get("state", "gone")
 
     def kill(self, key: str) -> None:
         """Kill the run started with `key`, if it is still running."""

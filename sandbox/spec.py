@@ -39,6 +39,8 @@ class Verdict(str, enum.Enum):
     FILE_SIZE_LIMIT = "FILE_SIZE_LIMIT"
     PROCESS_LIMIT = "PROCESS_LIMIT"
     SYSCALL_BLOCKED = "SYSCALL_BLOCKED"
+    VOLUME_QUOTA = "VOLUME_QUOTA"
+    """A read-write volume was written past its quota; the run's changes to it were dropped."""
     SETUP_ERROR = "SETUP_ERROR"
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
@@ -117,6 +119,8 @@ class RunResult(msgspec.Struct, frozen=True, kw_only=True):
     message: str = ""
     files: dict[str, bytes] = {}
     limits_mode: str = ""
+    setup_time: float = 0.0
+    """Seconds spent before this container started on the job's network and services."""
 
 
 def check_relative_path(path: str, *, field: str) -> str:
