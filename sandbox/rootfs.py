@@ -18,7 +18,8 @@ from sandbox.errors import SetupError
 
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
-             "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
+             "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx", "shm": "/tmp"}
+"""/dev/shm is the run's /tmp: POSIX shared memory and /tmp share the run's disk budget."""
 MASKED_FILES = ("proc/keys", "proc/sysrq-trigger")
 """World-readable or -writable host-wide files. The rest of runc's masked list (kcore,
 timer_list, sched_debug, ...) is mode 0400 root-of-the-host, which no id in our user namespace
@@ -42,7 +43,6 @@ class RootfsPlan(msgspec.Struct, frozen=True):
     layers: tuple[str, ...]
     binds: tuple[Bind, ...]
     tmp_size: int
-    shm_size: int
     read_only_root: bool
 
     @property
@@ -79,10 +79,10 @@ def _ensure_file(path: str) -> None:
 
 
 def prepare_dev_template(path: str) -> None:
-    """Build, once per helper, the /dev every run gets: a small tmpfs holding bind mounts of
-    the host's harmless character devices, the usual symlinks and empty pts/ and shm/.
-    Runs get a read-only recursive bind of it (two mounts instead of nine) plus their own
-    /dev/shm tmpfs, so nothing written by one run is seen by another."""
+    """Build, once per helper, the /dev every run gets: a small read-only tmpfs holding bind
+    mounts of the host's harmless character devices, the usual symlinks and an empty pts/.
+    Each run gets one recursive bind of it, which keeps its read-only flag: one mount
+    instead of nine, and nothing written by one run can be seen by another."""
     sc.mount("tmpfs", path, "tmpfs", NOSUID_NODEV | sc.MS_NOEXEC, "mode=0755,size=64k")
     for name in DEVICES:
         target = os.path.join(path, name)
@@ -91,16 +91,12 @@ def prepare_dev_template(path: str) -> None:
     for name, dest in DEV_LINKS.items():
         os.symlink(dest, os.path.join(path, name))
     os.mkdir(os.path.join(path, "pts"))
-    os.mkdir(os.path.join(path, "shm"))
+    sc.mount(None, path, None, sc.MS_REMOUNT | sc.MS_RDONLY | NOSUID_NODEV | sc.MS_NOEXEC,
+             "mode=0755,size=64k")
 
 
-def _mount_dev(root: str, template: str, shm_size: int) -> None:
-    dev = ensure_dir(root, "/dev")
-    sc.mount(template, dev, None, sc.MS_BIND | sc.MS_REC)
-    sc.mount(None, dev, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | NOSUID_NODEV
-             | sc.MS_NOEXEC)
-    sc.mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", NOSUID_NODEV,
-             f"mode=1777,size={shm_size}")
+def _mount_dev(root: str, template: str) -> None:
+    sc.mount(template, ensure_dir(root, "/dev"), None, sc.MS_BIND | sc.MS_REC)
 
 
 def _mask_proc(root: str) -> None:
@@ -125,9 +121,14 @@ def build_root(plan: RootfsPlan) -> None:
     sc.mount("overlay", root, "overlay", NOSUID_NODEV,
              f"lowerdir={lower},upperdir={upper},workdir={work},userxattr")
     sc.mount("proc", ensure_dir(root, "/proc"), "proc", NOSUID_NODEV | sc.MS_NOEXEC)
-    _mount_dev(root, plan.dev_template, plan.shm_size)
+    _mount_dev(root, plan.dev_template)
     tmp = ensure_dir(root, "/tmp")
-    sc.mount("tmpfs", tmp, "tmpfs", NOSUID_NODEV, f"mode=1777,size={plan.tmp_size}")
+    if plan.read_only_root:
+        sc.mount("tmpfs", tmp, "tmpfs", NOSUID_NODEV, f"mode=1777,size={plan.tmp_size}")
+    else:
+        # The root's upper dir is already the run's size-capped tmpfs: /tmp is a directory
+        # of it, and /tmp, the work directory and the root share one disk budget.
+        os.chmod(tmp, 0o1777)
     for bind in plan.binds:
         target = ensure_dir(root, bind.target)
         sc.mount(bind.source, target, None, sc.MS_BIND)

@@ -183,3 +183,14 @@ def test_read_only_root(runtime, busybox):
     r = runtime.run(sh("touch /etc/x 2>&1; touch /tmp/ok && echo tmp-ok", read_only_root=True,
                        uid=0, gid=0), busybox)
     assert b"Read-only file system" in r.stdout and b"tmp-ok" in r.stdout
+
+
+def test_dev_is_minimal_and_read_only_shm_is_tmp(runtime, busybox):
+    r = runtime.run(sh("ls /dev; touch /dev/x 2>&1; echo shm > /dev/shm/f; cat /tmp/f; "
+                       "echo data > /dev/null && echo null-ok", uid=0, gid=0), busybox)
+    listing, rest = r.stdout.split(b"touch", 1)
+    assert set(listing.split()) == {b"fd", b"full", b"null", b"ptmx", b"pts", b"random",
+                                    b"shm", b"stderr", b"stdin", b"stdout", b"tty", b"urandom",
+                                    b"zero"}
+    assert b"Read-only file system" in rest
+    assert b"shm\n" in rest and b"null-ok" in rest
