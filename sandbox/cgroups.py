@@ -133,7 +133,25 @@ class CgroupDriver:
         return f"run-{self.owner_pid}-{self._seq}"
 
     def create(self, memory: int, pids: int) -> RunCgroup:
+        """A new run cgroup with these limits (SetupError, nothing left behind, on failure)."""
+        name = self.next_name()
+        cg = RunCgroup(self, self.run_dirs(name))
+        try:
+            for path in cg.dirs.values():
+                os.mkdir(path)
+            self.prepare(cg)
+            self.set_limits(cg, memory, pids)
+        except OSError as exc:
+            cg.remove()
+            raise SetupError(f"creating cgroup {name}: {exc}", stage="cgroup") from exc
+        return cg
+
+    def run_dirs(self, name: str) -> dict[str, str]:
+        """The directories (by controller) of the run cgroup called `name`."""
         raise NotImplementedError
+
+    def prepare(self, cg: RunCgroup) -> None:
+        """Settings a new run cgroup gets once, beside its limits."""
 
     def set_limits(self, cg: RunCgroup, memory: int, pids: int) -> None:
         raise NotImplementedError
@@ -181,21 +199,12 @@ class CgroupV1(CgroupDriver):
     def roots(self) -> list[str]:
         return [r for r in (self.memory_root, self.pids_root, self.cpuacct_root) if r]
 
-    def create(self, memory: int, pids: int) -> RunCgroup:
-        name = self.next_name()
+    def run_dirs(self, name: str) -> dict[str, str]:
         dirs = {"memory": os.path.join(self.memory_root, name),
                 "pids": os.path.join(self.pids_root, name)}
         if self.cpuacct_root:
             dirs["cpuacct"] = os.path.join(self.cpuacct_root, name)
-        cg = RunCgroup(self, dirs)
-        try:
-            for path in dirs.values():
-                os.mkdir(path)
-            self.set_limits(cg, memory, pids)
-        except OSError as exc:
-            cg.remove()
-            raise SetupError(f"creating cgroup {name}: {exc}", stage="cgroup") from exc
-        return cg
+        return dirs
 
     def set_limits(self, cg: RunCgroup, memory: int, pids: int) -> None:
         _write(os.path.join(cg.dirs["memory"], "memory.limit_in_bytes"), str(memory))
@@ -238,19 +247,13 @@ class CgroupV2(CgroupDriver):
             _write(os.path.join(self.root, "cgroup.subtree_control"),
                    " ".join(f"+{c}" for c in missing))
 
-    def create(self, memory: int, pids: int) -> RunCgroup:
-        name = self.next_name()
-        path = os.path.join(self.root, name)
-        cg = RunCgroup(self, {"unified": path})
-        try:
-            os.mkdir(path)
-            if os.path.exists(os.path.join(path, "memory.swap.max")):
-                _write(os.path.join(path, "memory.swap.max"), "0")
-            self.set_limits(cg, memory, pids)
-        except OSError as exc:
-            cg.remove()
-            raise SetupError(f"creating cgroup {name}: {exc}", stage="cgroup") from exc
-        return cg
+    def run_dirs(self, name: str) -> dict[str, str]:
+        return {"unified": os.path.join(self.root, name)}
+
+    def prepare(self, cg: RunCgroup) -> None:
+        swap = os.path.join(cg.dirs["unified"], "memory.swap.max")
+        if os.path.exists(swap):
+            _write(swap, "0")
 
     def set_limits(self, cg: RunCgroup, memory: int, pids: int) -> None:
         _write(os.path.join(cg.dirs["unified"], "memory.max"), str(memory))
