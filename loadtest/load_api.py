@@ -42,6 +42,9 @@ class Stats:
         self.errors: list[str] = []
         self.lock = threading.Lock()
 
+    busy: float = 0.0
+    """Machine-wide busy CPU seconds during the phase (set by the caller)."""
+
     def report(self, label: str, elapsed: float) -> dict:
         lat = sorted(self.latencies)
         n = len(lat)
@@ -56,11 +59,12 @@ class Stats:
             "p95_ms": round(percentile(lat, 95) * 1000, 2),
             "p99_ms": round(percentile(lat, 99) * 1000, 2),
             "mean_ms": round(statistics.fmean(lat) * 1000, 2) if lat else float("nan"),
+            "machine_cpu_ms_per_run": round(self.busy / n * 1000, 2) if n else float("nan"),
         }
         print(
             f"{label:>8}: {figures['ok']} ok, {figures['errors']} errors in {figures['seconds']}s: "
             f"{figures['throughput_per_s']} runs/s, p50 {figures['p50_ms']} ms, p95 {figures['p95_ms']} ms, "
-            f"p99 {figures['p99_ms']} ms"
+            f"p99 {figures['p99_ms']} ms; machine CPU {figures['machine_cpu_ms_per_run']} ms/run"
         )
         for err in self.errors[:5]:
             print(f"          error: {err}")
@@ -124,11 +128,12 @@ def http_load(url: str, key: str, body: dict, expect_stdout: str, concurrency: i
         conn.close()
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    started = time.monotonic()
+    started, busy = time.monotonic(), machine_busy_seconds()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    stats.busy = machine_busy_seconds() - busy
     return stats, time.monotonic() - started
 
 
@@ -174,11 +179,12 @@ def direct_load(image: str, cmd: list[str], concurrency: int, seconds: float, ma
                         stats.errors.append(f"verdict {result.verdict.value}: {result.message}")
 
         threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-        started = time.monotonic()
+        started, busy = time.monotonic(), machine_busy_seconds()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        stats.busy = machine_busy_seconds() - busy
         return stats, time.monotonic() - started
 
 
@@ -202,15 +208,13 @@ def leftovers(url: str, key: str, state_dir: str | None, subuid_base: int) -> li
         problems.append(f"workers still busy: {busy}")
     if not health.get("workers_alive"):
         problems.append("no worker alive after the load")
-    containers = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                uid = next(int(line.split()[1]) for line in fh if line.startswith("Uid:"))
-        except (OSError, StopIteration, ValueError):
-            continue
-        if subuid_base and subuid_base <= uid < subuid_base + 65536:
-            containers.append(pid)
+    worker_pids = {w.get("pid") for w in health.get("workers", []) if w.get("host") == os.uname().nodename}
+    containers: list[str] = []
+    for _attempt in range(25):  # a container that just ended may take a moment to be reaped
+        containers = container_processes(worker_pids, subuid_base)
+        if not containers:
+            break
+        time.sleep(0.2)
     if containers:
         problems.append(f"{len(containers)} container processes still alive: {containers[:10]}")
     if state_dir:
@@ -219,6 +223,38 @@ def leftovers(url: str, key: str, state_dir: str | None, subuid_base: int) -> li
         if left:
             problems.append(f"{len(left)} scratch entries left in {scratch}: {left[:5]}")
     return problems
+
+
+def container_processes(worker_pids: set, subuid_base: int) -> list[str]:
+    """Processes below the workers (their runtime helpers' children) running as a subuid: the
+    containers. Other users' processes on a shared machine are not counted."""
+    parent: dict[int, int] = {}
+    uid_of: dict[int, int] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                fields = dict(line.split(":", 1) for line in fh if ":" in line)
+            parent[int(pid)] = int(fields["PPid"].split()[0])
+            uid_of[int(pid)] = int(fields["Uid"].split()[0])
+        except (OSError, KeyError, ValueError):
+            continue
+    found = []
+    for pid, uid in uid_of.items():
+        if not (subuid_base and subuid_base <= uid < subuid_base + 65536):
+            continue
+        ancestor, hops = parent.get(pid, 0), 0
+        while ancestor > 1 and ancestor not in worker_pids and hops < 64:
+            ancestor, hops = parent.get(ancestor, 0), hops + 1
+        if ancestor in worker_pids:
+            found.append(str(pid))
+    return found
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat), kernel threads included."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def subuid_base(user: str) -> int:
@@ -268,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   ratio: http/direct p50 {h['p50_ms'] / d['p50_ms']:.2f}x, "
                   f"throughput {h['throughput_per_s'] / d['throughput_per_s']:.2f}x "
                   f"(queue + HTTP add {h['p50_ms'] - d['p50_ms']:.2f} ms at p50)")
-    problems = leftovers(args.url, key, args.state_dir, subuid_base(os.environ.get("SBX_USER", "sbx")))
+    problems = leftovers(args.url, key, args.state_dir, subuid_base(os.environ.get("SBX_USER") or "sbx"))
     for problem in problems:
         print(f"leftover: {problem}")
     if not problems:

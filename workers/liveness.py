@@ -90,6 +90,7 @@ class Beacon(threading.Thread):
         janitor_interval: float,
         info: dict[str, str],
         on_kill: Callable[[str], None],
+        current: Callable[[], str] = lambda: "",
     ) -> None:
         super().__init__(name=f"beacon-{name}", daemon=True)
         self.connection = connection
@@ -99,7 +100,7 @@ class Beacon(threading.Thread):
         self.janitor_interval = janitor_interval
         self.info = {"host": socket.gethostname(), "pid": str(os.getpid()), **info}
         self.on_kill = on_kill
-        self.current: str = ""
+        self.current = current
         self._stop = threading.Event()
         self._last_sweep = 0.0
 
@@ -115,7 +116,7 @@ class Beacon(threading.Thread):
     def beat(self) -> None:
         key = worker_key(self.worker_name)
         with self.connection.pipeline() as pipe:
-            pipe.hset(key, mapping={**self.info, "current": self.current, "beat": str(time.time())})
+            pipe.hset(key, mapping={**self.info, "current": self.current(), "beat": str(time.time())})
             pipe.expire(key, self.ttl)
             pipe.execute()
 

@@ -107,6 +107,7 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> int:
             janitor_interval=settings.janitor_interval,
             info={"limits_mode": str(health.get("limits_mode", "unknown"))},
             on_kill=context.kill,
+            current=context.current,
         )
         beacon.register()
         for info in images.local_images():

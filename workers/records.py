@@ -157,8 +157,9 @@ def cancel(connection: redis.Redis, run_id: str, ttl: int) -> RunRecord | None:
     if state in (JobStatus.QUEUED, JobStatus.CREATED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
         job.cancel()
     elif state == JobStatus.STARTED and job.worker_name:
+        ctl = control_key(job.worker_name)
         with connection.pipeline() as pipe:
-            pipe.rpush(control_key(job.worker_name), run_id.encode())
-            pipe.expire(control_key(job.worker_name), CONTROL_TTL)
+            pipe.rpush(ctl, run_id.encode())
+            pipe.expire(ctl, CONTROL_TTL)
             pipe.execute()
     return load(connection, run_id)

@@ -36,7 +36,8 @@ class WorkerContext:
     runtime: object
     images: ImageResolver
     max_outcome_bytes: int = 64 * 1024 * 1024
-    current: str = ""
+    running: set[str] = field(default_factory=set)
+    """Runs in progress in this process (one per worker thread)."""
     killed: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     defer_metrics: bool = False
@@ -45,14 +46,20 @@ class WorkerContext:
 
     def flush_metrics(self, pipe) -> None:
         """Queue the pending metric updates on `pipe` (the worker's end-of-job transaction)."""
-        pending, self.pending = self.pending, []
+        with self.lock:
+            pending, self.pending = self.pending, []
         for label, seconds in pending:
             _metric_commands(pipe, label, seconds)
+
+    def current(self) -> str:
+        """The runs in progress, comma-separated (what /v1/health shows)."""
+        with self.lock:
+            return ",".join(sorted(self.running))
 
     def kill(self, run_id: str) -> None:
         """Called from the beacon thread: stop `run_id` if this process is running it."""
         with self.lock:
-            if run_id != self.current:
+            if run_id not in self.running:
                 return
             self.killed.add(run_id)
         kill = getattr(self.runtime, "kill", None)
@@ -106,7 +113,8 @@ def _record_metrics(ctx: WorkerContext, outcome: Outcome, enqueued_at: datetime 
     if enqueued_at is not None:
         seconds = max(0.0, (datetime.now(timezone.utc) - enqueued_at).total_seconds())
     if ctx.defer_metrics:
-        ctx.pending.append((label, seconds))
+        with ctx.lock:
+            ctx.pending.append((label, seconds))
         return
     with ctx.connection.pipeline(transaction=False) as pipe:
         _metric_commands(pipe, label, seconds)
@@ -145,7 +153,7 @@ def run(payload: bytes) -> bytes:
         return _finish(ctx, Outcome(error=_error(exc), worker=ctx.name), enqueued_at)
 
     with ctx.lock:
-        ctx.current = run_id
+        ctx.running.add(run_id)
     try:
         if run_id and _cancel_requested(job, ctx, run_id):
             return _finish(
@@ -167,7 +175,7 @@ def run(payload: bytes) -> bytes:
         outcome = Outcome(error=_error(exc), worker=ctx.name)
     finally:
         with ctx.lock:
-            ctx.current = ""
+            ctx.running.discard(run_id)
             ctx.killed.discard(run_id)
     return _finish(ctx, outcome, enqueued_at)
 

@@ -123,6 +123,10 @@ def test_cancel_running_run_kills_the_container(client, worker):
         assert time.monotonic() < deadline, "run never started"
         time.sleep(0.05)
     time.sleep(0.3)  # let the container start
+    deadline = time.monotonic() + 10  # the worker's beacon reports the run it holds
+    while [w["current"] for w in client.get("/v1/health").json()["workers"]] != [run_id]:
+        assert time.monotonic() < deadline, client.get("/v1/health").json()
+        time.sleep(0.1)
     started = time.monotonic()
     d = client.delete(f"/v1/runs/{run_id}", headers=ALICE)
     assert d.status_code == 200, d.text
