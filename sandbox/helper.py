@@ -377,6 +377,9 @@ class Helper(NetVolMixin):
             slot.pid = pid
             slot.pidfd = sc.pidfd_open(pid)
             slot.close_child_ends()
+            if plan is not None and slot.plan_w >= 0:  # a direct clone never reads a plan
+                os.close(slot.plan_w)
+                slot.plan_w = -1
             os.close(sync_r)
             sync_r = -1
             try:
