@@ -7,7 +7,6 @@ HTTP) plus the "local images" workers publish in Redis, and a pull is a job on t
 from __future__ import annotations
 
 import http.client
-from typing import Annotated
 import json
 
 import msgspec
@@ -24,7 +23,6 @@ from workers import records
 from workers.protocol import ImageInfo, PullJob
 from workers.queues import LOCAL_IMAGES
 from workers.records import TERMINAL
-
 
 REGISTRY_TIMEOUT = 2.0
 """Seconds the API gives the registry to answer a catalog or health request."""

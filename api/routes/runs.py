@@ -6,10 +6,9 @@ from typing import Annotated, Literal
 
 from litestar import Response, delete, get, post
 from litestar.datastructures import State
-from litestar.params import JSONBody
-from litestar.params import Parameter
+from litestar.params import JSONBody, Parameter
 
-from api.convert import error_of, job_timeout, run_out, to_run_job
+from api.convert import job_timeout, run_out, to_run_job
 from api.routes.common import ERROR_RESPONSES, Tenant, in_thread, wait_seconds
 from api.schemas import RunOut, RunRequest
 from api.state import AppState
@@ -35,9 +34,9 @@ def _answer(record: RunRecord, encoding: str, *, waited: bool, accepted: int = 2
     body = run_out(record, encoding)
     if record.status not in TERMINAL:
         return Response(body, status_code=accepted, headers={"Location": f"/v1/runs/{record.id}"})
-    error = error_of(record)
     outcome_error = record.outcome.error if record.outcome is not None else None
-    if waited and outcome_error is not None and 400 <= outcome_error.status < 500 and error is not None:
+    failed = record.status == RunStatus.FAILED
+    if waited and failed and outcome_error is not None and 400 <= outcome_error.status < 500:
         # The run could not even start for a reason that is the caller's (unknown image, ...).
         return Response(body, status_code=outcome_error.status)
     return Response(body, status_code=200)

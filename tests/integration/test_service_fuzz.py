@@ -25,7 +25,6 @@ from tests.fixtures.ports import free_port, wait_until
 from tests.integration.test_service_support import (  # noqa: F401  (fixtures)
     ALICE,
     make_settings,
-    worker,
     worker_factory,
 )
 
@@ -50,9 +49,11 @@ class LiveServer:
 
 
 @pytest.fixture
-def live_api(redis_url: str, worker) -> Iterator[LiveServer]:
-    app = create_app(make_settings(redis_url, max_wait=0.5, pull_wait=0.5, max_queue=100_000,
-                                   max_body_bytes=256 * 1024))
+def live_api(redis_url: str, worker_factory, registry_server: str) -> Iterator[LiveServer]:
+    # A healthy service: a real registry, so generated image names are simply unknown (404).
+    worker_factory(SBX_REGISTRY=registry_server, SBX_INSECURE_REGISTRIES=registry_server)
+    app = create_app(make_settings(redis_url, max_wait=0.5, pull_wait=2.0, max_queue=100_000,
+                                   max_body_bytes=256 * 1024, registry=registry_server))
     with LiveServer(app) as server:
         yield server
 
