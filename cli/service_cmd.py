@@ -4,8 +4,9 @@
 a Redis server with persistence under the state directory (unless REDIS_URL points at one), the
 registry (Debian's docker-registry) on 127.0.0.1:5000 storing under the state directory, the
 base images in images/ built and pushed to it, the API on 127.0.0.1:8000 and one worker per
-core. Ctrl-C or SIGTERM stops them all, in reverse order. Without SBX_API_KEY/SBX_API_KEYS a
-random key is generated once and kept in STATE/api-key (mode 0600); `sbx submit` reads it.
+core (SBX_REDIS_PORT, SBX_REGISTRY and SBX_API_PORT move them). Ctrl-C or SIGTERM stops them
+all, in reverse order. Without SBX_API_KEY/SBX_API_KEYS a random key is generated once and kept
+in STATE/api-key (mode 0600); `sbx submit` reads it.
 """
 
 from __future__ import annotations
@@ -71,30 +72,41 @@ class Stack:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.oneshot: set[str] = set()
+        """Children expected to finish (image publishing): their exit is not a failure."""
         self.logs = state_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, log: bool = True) -> subprocess.Popen:
-        out = open(self.logs / f"{name}.log", "ab") if log else None
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None, cwd=REPO)
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, *,
+              oneshot: bool = False) -> subprocess.Popen:
+        out = open(self.logs / f"{name}.log", "ab")
+        # Each child leads its own process group, so stopping it reaches its children too
+        # (image builds run mmdebstrap and containers).
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True)
         self.procs.append((name, proc))
+        if oneshot:
+            self.oneshot.add(name)
         return proc
 
     def stop(self) -> None:
         for name, proc in reversed(self.procs):
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM) if name in self.oneshot else proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         for name, proc in reversed(self.procs):
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 _say(f"{name} ignored SIGTERM; killing it")
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
     def dead(self) -> str | None:
         for name, proc in self.procs:
-            if proc.poll() is not None:
+            if name not in self.oneshot and proc.poll() is not None:
                 return f"{name} exited with {proc.returncode} (log: {self.logs / (name + '.log')})"
         return None
 
@@ -112,9 +124,9 @@ def start_redis(stack: Stack, port: int) -> str:
     return f"redis://127.0.0.1:{port}/0"
 
 
-def start_registry(stack: Stack) -> str:
-    host, port = REGISTRY_ADDR
-    addr = f"{host}:{port}"
+def start_registry(stack: Stack, addr: str) -> str:
+    host, _, port_text = addr.rpartition(":")
+    port = int(port_text)
     if _registry_answers(host, port):
         _say(f"a registry already answers on {addr}; using it")
         return addr
@@ -132,24 +144,28 @@ def start_registry(stack: Stack) -> str:
     return addr
 
 
-def publish_images(runtime_settings, names: list[str]) -> list[str]:
-    """Build images/NAME and push it to the registry; return the names that failed."""
+def publish_images(names: list[str]) -> int:
+    """Build images/NAME for each name and push it to the registry (`python -m cli.service_cmd
+    publish NAME...`, run by `sbx up` as a child process); return the number that failed."""
+    from sandbox.config import RuntimeSettings
+
     try:
         from sandbox.oci.build import Builder
         from sandbox.oci.pull import Puller
     except ImportError:
         _say("no image builder in this checkout (sandbox.oci.build); not publishing base images")
-        return names
-    failed = []
-    builder = Builder(runtime_settings)
+        return len(names)
+    settings = RuntimeSettings.from_env()
+    failed = 0
+    builder = Builder(settings)
     for name in names:
         try:
             result = builder.build(str(REPO / "images" / name), tag=name)
-            Puller(runtime_settings, store=builder.store).push(result.reference)
+            Puller(settings, store=builder.store).push(result.reference)
             _say(f"published {result.reference}")
         except Exception as exc:  # noqa: BLE001 - report and go on with the other images
             _say(f"could not publish image {name}: {exc}")
-            failed.append(name)
+            failed += 1
     return failed
 
 
@@ -172,7 +188,6 @@ def _state_dir() -> Path:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from sandbox.config import RuntimeSettings
     from workers.main import drop_privileges
 
     drop_privileges(os.environ.get("SBX_USER", "sbx"))
@@ -188,20 +203,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         redis_url = os.environ.get("REDIS_URL") or start_redis(stack, int(os.environ.get("SBX_REDIS_PORT", DEFAULT_REDIS_PORT)))
-        registry = start_registry(stack)
+        registry = start_registry(stack, os.environ.get("SBX_REGISTRY") or "%s:%d" % REGISTRY_ADDR)
         env = {**os.environ, "SBX_REDIS_URL": redis_url, "REDIS_URL": redis_url, "SBX_REGISTRY": registry,
                "SBX_STATE_DIR": str(state_dir), "PYTHONPATH": str(REPO)}
+        if registry not in os.environ.get("SBX_INSECURE_REGISTRIES", "127.0.0.1:5000,localhost:5000"):
+            env["SBX_INSECURE_REGISTRIES"] = ",".join(
+                filter(None, [os.environ.get("SBX_INSECURE_REGISTRIES", "127.0.0.1:5000,localhost:5000"), registry]))
         if not (os.environ.get("SBX_API_KEYS") or os.environ.get("SBX_API_KEYS_FILE")
                 or os.environ.get("SBX_OPEN_ACCESS")):
             env["SBX_API_KEY"] = api_key(state_dir)
-        runtime_settings = RuntimeSettings.from_env(env)
-        if not args.no_images:
-            names = sorted(p.name for p in (REPO / "images").iterdir() if (p / "Dockerfile").exists())
-            first = [n for n in names if n == SELF_TEST_IMAGE]
-            publish_images(runtime_settings, first)
-            rest = [n for n in names if n != SELF_TEST_IMAGE]
-            threading.Thread(target=publish_images, args=(runtime_settings, rest), daemon=True).start()
-        host, port = API_ADDR
+        names = sorted(p.name for p in (REPO / "images").iterdir() if (p / "Dockerfile").exists())
+        if args.images is not None:
+            names = [n for n in names if n in args.images.split(",")]
+        publish = [sys.executable, "-m", "cli.service_cmd", "publish"]
+        if SELF_TEST_IMAGE in names:  # the workers' self-test runs in it: publish it first
+            first = stack.start("publish-busybox", [*publish, SELF_TEST_IMAGE], env, oneshot=True)
+            while first.poll() is None and not stopping.is_set():
+                stopping.wait(0.2)
+            if stopping.is_set():
+                return 0
+            if first.returncode:
+                _say(f"publishing {SELF_TEST_IMAGE} failed (see {stack.logs / 'publish-busybox.log'})")
+        rest = [n for n in names if n != SELF_TEST_IMAGE]
+        if rest:
+            stack.start("publish", [*publish, *rest], env, oneshot=True)
+        host, port = API_ADDR[0], int(os.environ.get("SBX_API_PORT") or API_ADDR[1])
         api = stack.start("api", [sys.executable, "-m", "api.serve", "--host", host, "--port", str(port)], env)
         _wait(lambda: _port_open(host, port), "the API", 30, api)
         workers = [sys.executable, "-m", "workers.main"]
@@ -279,7 +305,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("up", help="start Redis, the registry, the API and workers on this machine")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
-    p.add_argument("--no-images", action="store_true", help="do not build and publish the base images")
+    p.add_argument("--images", metavar="NAME,...", help="publish only these images/ (default: all)")
     p.set_defaults(func=cmd_up)
 
     p = subparsers.add_parser("api", help="serve the HTTP API (settings from SBX_* variables)")
@@ -299,3 +325,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("image")
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_submit)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["publish"]:
+        sys.exit(1 if publish_images(sys.argv[2:]) else 0)
+    sys.exit(2)
