@@ -69,7 +69,11 @@ class NetVolMixin:
                 if msg.op == "create":
                     if msg.network in self.networks:
                         raise SetupError(f"network {msg.network} exists", stage="network")
-                    self.networks[msg.network] = JobNetwork(msg.network, msg.members)
+                    network = JobNetwork(msg.network, msg.members)
+                    self.networks[msg.network] = network
+                    self._send(OpReply(msg.key, True, values={
+                        "netns": str(network.netns_inode), **network.addresses}))
+                    return
                 elif msg.op == "remove":
                     network = self.networks.pop(msg.network, None)
                     if network is not None:

@@ -128,8 +128,9 @@ def hosts_text(addresses: dict[str, str]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def _namespace_rtnl() -> Rtnl:
-    """A netlink socket in a brand-new network namespace owned by our user namespace."""
+def _namespace_rtnl() -> tuple[Rtnl, int]:
+    """A netlink socket in a brand-new network namespace owned by our user namespace, and
+    that namespace's inode number (for tests and diagnostics)."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         pid = sc.clone(sc.CLONE_NEWNET)
@@ -138,18 +139,23 @@ def _namespace_rtnl() -> Rtnl:
             try:
                 parent.close()
                 rtnl = Rtnl.open()
-                socket.send_fds(child, [b"1"], [rtnl.fileno()])
+                ns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+                socket.send_fds(child, [b"1"], [rtnl.fileno(), ns])
                 code = 0
             finally:
                 os._exit(code)
         child.close()
         try:
-            _msg, fds, _flags, _addr = socket.recv_fds(parent, 16, 1)
+            _msg, fds, _flags, _addr = socket.recv_fds(parent, 16, 2)
         finally:
             os.waitpid(pid, 0)
-        if not fds:
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
             raise NetworkError("could not create a network namespace")
-        return Rtnl(socket.socket(fileno=fds[0]))
+        inode = os.fstat(fds[1]).st_ino
+        os.close(fds[1])
+        return Rtnl(socket.socket(fileno=fds[0])), inode
     finally:
         parent.close()
         if child.fileno() >= 0:
@@ -163,7 +169,7 @@ class JobNetwork:
         self.id = net_id
         self.addresses = {name: member_address(i) for i, name in enumerate(members)}
         self.attached: set[str] = set()
-        self.rtnl = _namespace_rtnl()
+        self.rtnl, self.netns_inode = _namespace_rtnl()
         try:
             self.rtnl.set_up(self.rtnl.link_index("lo"))
             self.bridge = self.rtnl.add_bridge(BRIDGE)

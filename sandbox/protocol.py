@@ -49,6 +49,16 @@ class RunRequest(msgspec.Struct, tag="run", frozen=True):
     net: NetAttach | None = None
 
 
+class NetworkInfo(msgspec.Struct, frozen=True):
+    """A job network as `Runtime.create_network` returns it."""
+
+    id: str
+    netns: int
+    """Inode number of the job's network namespace (it exists while the helper holds it)."""
+    addresses: dict[str, str]
+    """Member name -> IPv4 address."""
+
+
 class NetworkRequest(msgspec.Struct, tag="network", frozen=True):
     """Create (with its members, in address order) or remove a private job network."""
 

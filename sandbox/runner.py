@@ -25,9 +25,9 @@ from sandbox import userns
 from sandbox.config import RuntimeSettings
 from sandbox.errors import InvalidSpec, NetworkError, SetupError
 from sandbox.network import check_members
-from sandbox.protocol import (ErrorReply, Hello, KillRequest, Mapped, NetAttach, NetworkRequest,
-                              OpReply, ProbeRequest, Ready, RunReply, RunRequest, encode,
-                              recv_message)
+from sandbox.protocol import (ErrorReply, Hello, KillRequest, Mapped, NetAttach, NetworkInfo,
+                              NetworkRequest, OpReply, ProbeRequest, Ready, RunReply, RunRequest,
+                              encode, recv_message)
 from sandbox.rootfs import Bind
 from sandbox.spec import Rootfs, RunResult, RunSpec, Verdict, check_absolute_path, validate_spec
 from sandbox.volumes import VolumeBind
@@ -213,9 +213,9 @@ class Runtime:
         net = self.create_network([member])
         try:
             return self.run(spec, rootfs, binds=binds, diff_tar=diff_tar, key=key,
-                            volumes=volumes, network=NetAttach(net, member))
+                            volumes=volumes, network=NetAttach(net.id, member))
         finally:
-            self.remove_network(net)
+            self.remove_network(net.id)
 
     def _call(self, make) -> OpReply:
         """Send the request `make(key)` and wait for its OpReply."""
@@ -240,15 +240,16 @@ class Runtime:
             raise SetupError("the runtime helper exited", stage="helper")
         return pending.reply
 
-    def create_network(self, members) -> str:
+    def create_network(self, members) -> NetworkInfo:
         """A private network for one job; `members` are the host names on it, in order of
-        address (10.88.0.2, .3, ...). Returns its id, for `run(network=...)`."""
+        address (10.88.0.2, .3, ...). Pass `NetAttach(info.id, member)` to `run`."""
         members = check_members(members)
         net = f"n{self.new_key()}"
         reply = self._call(lambda key: NetworkRequest(key, "create", net, members))
         if not reply.ok:
             raise NetworkError(reply.message)
-        return net
+        values = dict(reply.values)
+        return NetworkInfo(id=net, netns=int(values.pop("netns", "0")), addresses=values)
 
     def remove_network(self, network: str) -> None:
         """Drop a job network (containers still on it lose their link)."""
