@@ -120,6 +120,7 @@ def http_load(url: str, key: str, body: dict, expect_stdout: str, concurrency: i
                 problem = f"{type(exc).__name__}: {exc}"
                 conn.close()
                 conn = http.client.HTTPConnection(host, port, timeout=60)
+                time.sleep(0.1)  # the server is down or refusing: do not spin
             with stats.lock:
                 if problem:
                     stats.errors.append(problem)
@@ -194,10 +195,13 @@ def leftovers(url: str, key: str, state_dir: str | None, subuid_base: int) -> li
     problems: list[str] = []
     deadline = time.monotonic() + 10
     while True:
-        conn = http.client.HTTPConnection(host, port, timeout=10)
-        conn.request("GET", "/v1/health")
-        health = json.loads(conn.getresponse().read())
-        conn.close()
+        try:
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+            conn.request("GET", "/v1/health")
+            health = json.loads(conn.getresponse().read())
+            conn.close()
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            return [f"health check failed: {type(exc).__name__}: {exc}"]
         busy = [w["name"] for w in health.get("workers", []) if w.get("current")]
         if (health.get("queue_depth") == 0 and not busy) or time.monotonic() > deadline:
             break
