@@ -560,6 +560,7 @@ class Helper(NetVolMixin):
                          **common)
 
     def _cleanup(self, run: ActiveRun) -> None:
+        self._netvol_release(run)  # stop slirp4netns, leave the job network
         for fd in list(run.pipes):
             self._close_pipe(run, fd)
         if run.pidfd >= 0:

@@ -72,9 +72,10 @@ SLIRP_READY_TIMEOUT = 5.0
 SLIRP_GATEWAY = "10.0.2.2"
 SLIRP_DNS = "10.0.2.3"
 ALWAYS_DENIED = ("127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "0.0.0.0/8",
-                 "255.255.255.255/32", f"{SLIRP_GATEWAY}/32")
-"""Egress never reaches these, whatever the allow-list says (10.0.2.2 is slirp's door to the
-host; 169.254/16 holds cloud metadata services)."""
+                 "255.255.255.255/32", "10.0.2.0/24")
+"""Egress never reaches these, whatever the allow-list says: 10.0.2.0/24 is slirp4netns's
+own network (10.0.2.2 is its door to the host), 169.254/16 holds cloud metadata services.
+The one exception is slirp's DNS forwarder 10.0.2.3 port 53, when the list names it."""
 
 
 def _ifreq(name: str, payload: bytes = b"") -> bytes:
@@ -263,6 +264,10 @@ class AllowRule:
                                   field="egress_allow")
             self.ports = (lo, hi)
 
+    @property
+    def is_dns(self) -> bool:
+        return self.network == ipaddress.IPv4Network(f"{SLIRP_DNS}/32")
+
     def nft(self) -> list[str]:
         if self.ports is None:
             return [f"ip daddr {self.network} accept"]
@@ -299,18 +304,28 @@ def outside_addresses(outside: str | None) -> list[str]:
 
 
 def egress_ruleset(allow: list[AllowRule], denied: list[str]) -> str:
+    """The container's nftables filter: loopback, then the never-list, then the allow-list;
+    everything else is refused at once (a TCP reset or an ICMP error, so clients fail fast
+    instead of timing out)."""
     deny = sorted(set(ALWAYS_DENIED) | set(denied))
     lines = [
         "table inet sbx_egress {",
         "  chain output {",
         "    type filter hook output priority 0; policy drop;",
         '    oifname "lo" accept',
-        f"    ip daddr {{ {', '.join(deny)} }} drop",
-        "    meta nfproto ipv6 drop",
+        *([f"    ip daddr {SLIRP_DNS} meta l4proto {{ tcp, udp }} th dport 53 accept"]
+          if any(rule.is_dns for rule in allow) else []),
+        f"    ip daddr {{ {', '.join(deny)} }} jump refuse",
+        "    meta nfproto ipv6 jump refuse",
     ]
-    for rule in allow:
-        lines += [f"    {line}" for line in rule.nft()]
-    lines += ["  }", "  chain input {",
+    lines += [f"    {line}" for rule in allow if not rule.is_dns for line in rule.nft()]
+    lines += ["    jump refuse",
+              "  }",
+              "  chain refuse {",
+              "    meta l4proto tcp reject with tcp reset",
+              "    reject with icmpx type admin-prohibited",
+              "  }",
+              "  chain input {",
               "    type filter hook input priority 0; policy drop;",
               '    iifname "lo" accept',
               "    ct state established,related accept",
@@ -331,6 +346,7 @@ class Egress:
         exit_r, self.exit_w = os.pipe2(os.O_CLOEXEC)
         argv = ["slirp4netns", "--configure", "--mtu=65520", "--disable-host-loopback",
                 "--enable-seccomp", f"--ready-fd={ready_w}", f"--exit-fd={exit_r}",
+                *([] if any(rule.is_dns for rule in allow) else ["--disable-dns"]),
                 "--netns-type=path", target, "tap0"]
         if outside:
             argv = ["nsenter", f"--net={outside}", "--", *argv]

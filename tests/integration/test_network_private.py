@@ -177,10 +177,18 @@ def test_private_needs_an_existing_network(runtime, busybox):
 # --------------------------------------------------------------------------- teardown
 
 
-def _netns_refs() -> set[str]:
-    """Every network namespace our processes are in or hold an fd of."""
+def _tree(pid: int) -> list[int]:
+    out = [pid]
+    for child in _children(pid):
+        out += _tree(child)
+    return out
+
+
+def _netns_refs(pids) -> set[str]:
+    """Every network namespace these processes are in or hold an fd of (other sessions of
+    this user run their own tests on the machine, so never scan all of /proc)."""
     refs: set[str] = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in pids:
         try:
             refs.add(os.readlink(f"/proc/{pid}/ns/net"))
             for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -205,9 +213,12 @@ def _fds(pid: int) -> list[str]:
 
 def _children(pid: int) -> set[int]:
     out: set[int] = set()
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out |= {int(c) for c in f.read().split()}
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out |= {int(c) for c in f.read().split()}
+    except OSError:  # exited meanwhile
+        pass
     return out
 
 
@@ -226,7 +237,7 @@ def test_hundred_jobs_leave_no_namespace_interface_or_process(tmp_path, busybox)
                       spec=sh("while true; do echo pong | nc -l -p 9100; done",
                               limits=Limits(wall_time=60)))
         run_job(rt, sh("nc svc 9100 </dev/null", network="private"), busybox, services=[svc])
-        fds_before, refs_before = _fds(helper), _netns_refs()
+        fds_before, refs_before = _fds(helper), _netns_refs(_tree(helper))
         inodes, setup = [], []
         for _ in range(100):
             net = rt.create_network(["svc", "main"])
@@ -238,8 +249,8 @@ def test_hundred_jobs_leave_no_namespace_interface_or_process(tmp_path, busybox)
             setup.append(r.setup_time)
         wait_until(lambda: not _children(helper), timeout=10, what="helper children to exit")
         assert _fds(helper) == fds_before
-        assert _netns_refs() <= refs_before
-        assert not set(inodes) & _netns_refs()
+        assert _netns_refs(_tree(helper)) <= refs_before
+        assert not set(inodes) & _netns_refs(_tree(helper))
         # The kernel's own count: allow exactly the namespaces one job needs (its network,
         # the service, the main container). Had any job leaked one, the next job could not
         # get all three. Namespaces are freed asynchronously, hence the retry.
@@ -308,7 +319,7 @@ def test_killed_worker_takes_its_networks_with_it(tmp_path, busybox_rootfs):
     wait_until(lambda: not os.path.exists(f"/proc/{helper}"), timeout=10, what="helper exit")
     wait_until(lambda: not any(os.path.exists(f"/proc/{c}") for c in containers), timeout=10,
                what="containers to die")
-    assert job_netns not in _netns_refs()
+    assert job_netns not in _netns_refs([os.getpid()])
     # Nothing of the helper's user namespace is left: no process is in it.
     leftovers = [pid for pid in filter(str.isdigit, os.listdir("/proc"))
                  if _user_ns(pid) == info["userns"]]
