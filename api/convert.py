@@ -86,6 +86,7 @@ def result_out(result: RunResult, encoding: str) -> RunResultOut:
         memory=result.memory,
         stage=result.stage,
         message=result.message,
+        files={name: base64.b64encode(data).decode("ascii") for name, data in result.files.items()},
         limits_mode=result.limits_mode,
     )
 

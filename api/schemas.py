@@ -79,6 +79,8 @@ class RunResultOut(msgspec.Struct, frozen=True, kw_only=True):
     memory: int = 0
     stage: str | None = None
     message: str = ""
+    files: dict[str, str] = {}
+    """Files copied out of the work directory, base64 (as `sbx run --json`)."""
     limits_mode: str = ""
 
 

@@ -113,3 +113,5 @@ def test_response_field_names_match_the_wire_contract():
     assert {"id", "status", "result", "created_at", "started_at", "finished_at"} <= set(body)
     assert {"verdict", "exit_code", "signal", "stdout", "stderr", "cpu_time", "wall_time", "memory"} <= set(
         body["result"])
+    # every field `sbx run --json` prints is in the API's result too
+    assert set(RunResult.__struct_fields__) <= set(body["result"])
