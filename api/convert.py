@@ -88,6 +88,7 @@ def result_out(result: RunResult, encoding: str) -> RunResultOut:
         message=result.message,
         files={name: base64.b64encode(data).decode("ascii") for name, data in result.files.items()},
         limits_mode=result.limits_mode,
+        setup_time=getattr(result, "setup_time", 0.0),
     )
 
 

@@ -82,6 +82,8 @@ class RunResultOut(msgspec.Struct, frozen=True, kw_only=True):
     files: dict[str, str] = {}
     """Files copied out of the work directory, base64 (as `sbx run --json`)."""
     limits_mode: str = ""
+    setup_time: float = 0.0
+    """Seconds spent setting the container up before the program started."""
 
 
 class ErrorOut(msgspec.Struct, frozen=True, kw_only=True):
