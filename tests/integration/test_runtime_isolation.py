@@ -194,3 +194,27 @@ def test_dev_is_minimal_and_read_only_shm_is_tmp(runtime, busybox):
                                     b"zero"}
     assert b"Read-only file system" in rest
     assert b"shm\n" in rest and b"null-ok" in rest
+
+
+INT80_PROBE = """
+import ctypes, mmap
+# mov eax, 20 (getpid in the 32-bit table); int 0x80; ret
+code = bytes([0xb8, 0x14, 0, 0, 0, 0xcd, 0x80, 0xc3])
+buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+buf.write(code)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+print("calling", flush=True)
+ctypes.CFUNCTYPE(ctypes.c_int)(addr)()
+print("survived")
+"""
+
+
+@pytest.mark.parametrize("probe", [
+    INT80_PROBE,
+    "import ctypes; print('calling', flush=True); "
+    "ctypes.CDLL(None).syscall(0x40000000 | 39); print('survived')",  # x32 getpid
+], ids=["int80", "x32"])
+def test_other_syscall_abis_are_killed(runtime, python, probe):
+    r = runtime.run(py(probe), python)
+    assert r.stdout == b"calling\n"
+    assert r.verdict is Verdict.SYSCALL_BLOCKED and r.signal == 31  # SIGSYS
