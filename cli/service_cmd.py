@@ -4,9 +4,10 @@
 a Redis server with persistence under the state directory (unless REDIS_URL points at one), the
 registry (Debian's docker-registry) on 127.0.0.1:5000 storing under the state directory, the
 base images in images/ built and pushed to it, the API on 127.0.0.1:8000 and one worker per
-core (SBX_REDIS_PORT, SBX_REGISTRY and SBX_API_PORT move them). Ctrl-C or SIGTERM stops them
-all, in reverse order. Without SBX_API_KEY/SBX_API_KEYS a random key is generated once and kept
-in STATE/api-key (mode 0600); `sbx submit` reads it.
+core (SBX_REDIS_PORT, SBX_REGISTRY and SBX_API_PORT move them). The local API and workers reach
+Redis over its Unix socket (SBX_REDIS_UNIX=0: over TCP); workers elsewhere use the TCP port.
+Ctrl-C or SIGTERM stops them all, in reverse order. Without SBX_API_KEY/SBX_API_KEYS a random
+key is generated once and kept in STATE/api-key (mode 0600); `sbx submit` reads it.
 """
 
 from __future__ import annotations
@@ -116,11 +117,17 @@ def start_redis(stack: Stack, port: int) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     if _port_open("127.0.0.1", port):
         raise SystemExit(f"sbx up: 127.0.0.1:{port} is taken; set REDIS_URL or SBX_REDIS_PORT")
+    sock = directory / "redis.sock"
     proc = stack.start("redis", [
         "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory),
         "--appendonly", "yes", "--save", "60 1", "--protected-mode", "yes",
+        "--unixsocket", str(sock), "--unixsocketperm", "700",
     ])
     _wait(lambda: _port_open("127.0.0.1", port), "redis-server", 20, proc)
+    # Processes on this machine use the socket (cheaper than loopback TCP per round trip);
+    # workers on other machines use the TCP port.
+    if os.environ.get("SBX_REDIS_UNIX", "1") != "0" and len(str(sock)) < 100:
+        return f"unix://{sock}?db=0"
     return f"redis://127.0.0.1:{port}/0"
 
 
