@@ -18,6 +18,7 @@ from api.errors import error_response
 from api.routes.health import health, metrics
 from api.routes.images import list_images, pull_image
 from api.routes.runs import cancel_run, create_run, get_run
+from api.routes.volumes import create_volume, delete_volume, get_volume, list_volumes
 from api.settings import Settings
 from api.state import AppState
 
@@ -38,7 +39,8 @@ def create_app(settings: Settings) -> Litestar:
         use_handler_docstrings=True,
     )
     return Litestar(
-        route_handlers=[create_run, get_run, cancel_run, list_images, pull_image, health, metrics],
+        route_handlers=[create_run, get_run, cancel_run, list_images, pull_image, health, metrics,
+                        create_volume, list_volumes, get_volume, delete_volume],
         dependencies={"tenant": Provide(provide_tenant, sync_to_thread=False)},
         exception_handlers={Exception: error_response},
         request_max_body_size=settings.max_body_bytes,

@@ -11,11 +11,14 @@ from __future__ import annotations
 import base64
 import binascii
 
+import msgspec
+
 from api.schemas import ErrorOut, ImageOut, PullOut, RunOut, RunRequest, RunResultOut
 from api.settings import Settings
 from sandbox.errors import InvalidSpec
-from sandbox.spec import FileIn, Limits, RunResult, RunSpec, check_relative_path, validate_spec
-from workers.protocol import ImageInfo, RunJob
+from sandbox.spec import (FileIn, Limits, RunResult, RunSpec, VolumeMount, check_absolute_path,
+                          check_relative_path, validate_spec)
+from workers.protocol import ImageInfo, RunJob, ServiceJob
 from workers.records import RunRecord, RunStatus
 
 
@@ -55,14 +58,47 @@ def to_run_job(request: RunRequest, *, tenant: str, settings: Settings) -> RunJo
         workdir=request.workdir,
         files=files,
         limits=capped_limits(request.limits, settings),
+        network=request.network or ("private" if request.services else "none"),
     )
     validate_spec(spec)
-    return RunJob(tenant=tenant, image=request.image, spec=spec)
+    services = _services(request, spec, settings)
+    volumes = []
+    for i, v in enumerate(request.volumes):
+        path = check_absolute_path(v.path, field=f"volumes[{i}].path")
+        volumes.append(VolumeMount(name=v.name, path=path, read_only=v.read_only))
+    return RunJob(tenant=tenant, image=request.image, spec=spec, volumes=volumes,
+                  services=services)
+
+
+SERVICE_READY_MARGIN = 35
+"""Seconds a run with services may spend on them before its own wall time starts
+(sandbox.jobs.READY_TIMEOUT plus start-up)."""
+
+
+def _services(request: RunRequest, spec: RunSpec, settings: Settings) -> list[ServiceJob]:
+    if request.services and spec.network != "private":
+        raise InvalidSpec("services need network 'private' (or no network given)", field="network")
+    out = []
+    # Services live as long as the run (they are killed when it ends); their own wall time
+    # is only a backstop.
+    wall = min(settings.max_limits.wall_time, spec.limits.wall_time + SERVICE_READY_MARGIN)
+    for i, svc in enumerate(request.services):
+        svc_spec = RunSpec(cmd=list(svc.cmd), env=dict(svc.env), network="private",
+                           hostname=svc.name,
+                           limits=msgspec.structs.replace(spec.limits, wall_time=wall))
+        validate_spec(svc_spec)
+        out.append(ServiceJob(name=svc.name, image=svc.image, spec=svc_spec, port=svc.port))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names) or spec.hostname in names:
+        raise InvalidSpec("service names must differ from each other and from "
+                          f"{spec.hostname!r}", field="services")
+    return out
 
 
 def job_timeout(job: RunJob, settings: Settings) -> int:
     """Seconds a worker may hold the job: the wall-time limit plus setup margin."""
-    return int(job.spec.limits.wall_time) + 1 + settings.job_margin
+    extra = SERVICE_READY_MARGIN if job.services else 0
+    return int(job.spec.limits.wall_time) + 1 + settings.job_margin + extra
 
 
 def _text(data: bytes, encoding: str) -> str:

@@ -4,9 +4,9 @@ Requests are frozen msgspec Structs with bounds on the types and `forbid_unknown
 msgspec refuses malformed input with a message naming the field. `Limits` and `Verdict` are
 the runtime's own (sandbox.spec), so `POST /v1/runs` and `sbx run --json` use the same names.
 
-Room for issue 5: `RunRequest` will gain `network: "none" | "private" | "egress"`,
-`services: list[ServiceSpec]` and `volumes: list[VolumeMountIn]`; each maps onto fields of
-`workers.protocol.RunJob`, and until then a request carrying them is refused as unknown.
+Networks and volumes (issue 5): `RunRequest` has `network`, `services` and `volumes`, each
+mapped onto `workers.protocol.RunJob`; the /v1/volumes routes use `VolumeCreate` and
+`VolumeOut`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,30 @@ class FileSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     mode: Annotated[int, Meta(ge=0, le=0o777)] = 0o644
 
 
+VolumeName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
+HostName = Annotated[str, Meta(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+
+
+class ServiceSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A container started before the run, on the run's private network, reachable by
+    `name`; the run starts once `port` accepts TCP connections. It is killed when the run
+    ends."""
+
+    name: HostName
+    image: ImageRef
+    cmd: Annotated[list[Arg], Meta(min_length=1, max_length=4096)]
+    env: Annotated[dict[EnvName, EnvValue], Meta(max_length=256)] = {}
+    port: Annotated[int, Meta(ge=1, le=65535)]
+
+
+class VolumeMountIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One of the tenant's volumes, mounted at `path` in the run."""
+
+    name: VolumeName
+    path: Annotated[str, Meta(min_length=2, max_length=1024)]
+    read_only: bool = False
+
+
 class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """POST /v1/runs. Every field but `image` and `cmd` is optional."""
 
@@ -54,6 +78,34 @@ class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_onl
     """true: answer with the result (up to the server's bound); a number: wait that many seconds."""
     output_encoding: Encoding = "utf-8"
     """utf-8: stdout/stderr as text, invalid bytes replaced; base64: lossless."""
+    network: Literal["none", "private", "egress"] | None = None
+    """none: loopback only (the default without services). private: the run and its
+    services on a network of their own, nothing else reachable (the default with services).
+    egress: outbound access to what the operator allows, if the server enables it."""
+    services: Annotated[list[ServiceSpec], Meta(max_length=8)] = []
+    volumes: Annotated[list[VolumeMountIn], Meta(max_length=16)] = []
+
+
+class VolumeCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """POST /v1/volumes."""
+
+    name: VolumeName
+    size: Annotated[int, Meta(ge=4096, le=1 << 40)]
+    """The quota in bytes (rounded up to whole 4 KiB pages); the server may cap it lower."""
+
+
+class VolumeOut(msgspec.Struct, frozen=True, kw_only=True):
+    """A named volume: quota (`size`) and bytes used as of the last saved run."""
+
+    name: str
+    size: int
+    used: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class VolumeList(msgspec.Struct, frozen=True, kw_only=True):
+    volumes: list[VolumeOut]
 
 
 class PullRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -83,7 +135,8 @@ class RunResultOut(msgspec.Struct, frozen=True, kw_only=True):
     """Files copied out of the work directory, base64 (as `sbx run --json`)."""
     limits_mode: str = ""
     setup_time: float = 0.0
-    """Seconds spent setting the container up before the program started."""
+    """Seconds from the start of a run with services to its own start: the private network,
+    the service containers and waiting for their ports (0 without services)."""
 
 
 class ErrorOut(msgspec.Struct, frozen=True, kw_only=True):

@@ -13,7 +13,7 @@ import importlib
 
 from rq.job import Job
 
-ALLOWED_FUNCTIONS = frozenset({"workers.tasks.run", "workers.tasks.pull"})
+ALLOWED_FUNCTIONS = frozenset({"workers.tasks.run", "workers.tasks.pull", "workers.tasks.volume"})
 """Dotted names of the only functions a worker will call."""
 
 

@@ -27,7 +27,7 @@ from rq.registry import StartedJobRegistry
 from rq.utils import now, parse_composite_key, utcformat
 
 from workers.jobclass import SbxJob
-from workers.queues import QUEUE_NAME, WORKERS_SET, control_key, worker_key
+from workers.queues import QUEUE_NAME, VOLUME_QUEUE, WORKERS_SET, control_key, worker_key
 from workers.serializer import MsgpackSerializer
 
 log = logging.getLogger("sbx.worker")
@@ -40,8 +40,12 @@ def abandoned_reason(worker: str) -> str:
     )
 
 
-def sweep_abandoned(connection: redis.Redis, *, queue_name: str = QUEUE_NAME) -> list[str]:
-    """Fail every started run whose worker is no longer alive; return their ids."""
+def sweep_abandoned(connection: redis.Redis, *, queue_name: str | None = None) -> list[str]:
+    """Fail every started run whose worker is no longer alive; return their ids.
+    Without `queue_name`: both queues (runs, and runs and operations on volumes)."""
+    if queue_name is None:
+        return [*sweep_abandoned(connection, queue_name=QUEUE_NAME),
+                *sweep_abandoned(connection, queue_name=VOLUME_QUEUE)]
     registry = StartedJobRegistry(
         queue_name, connection=connection, job_class=SbxJob, serializer=MsgpackSerializer
     )

@@ -75,7 +75,7 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> int:
     from workers import tasks
     from workers.images import ImageResolver
     from workers.liveness import Beacon
-    from workers.queues import LOCAL_IMAGES, QUEUE_NAME, connect
+    from workers.queues import LOCAL_IMAGES, QUEUE_NAME, VOLUME_QUEUE, connect
     from workers.worker import WORKER_TTL, SbxWorker
     from workers.protocol import encode
 
@@ -99,6 +99,13 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> int:
             max_outcome_bytes=settings.max_output_bytes,
             defer_metrics=True,
         )
+        queues = [QUEUE_NAME]
+        if settings.volume_host and claim_volume_host(connection):
+            from sandbox.volumes import VolumeStore
+
+            context.volumes = VolumeStore.from_settings(settings.runtime)
+            context.volume_wait = settings.runtime.volume_wait
+            queues.insert(0, VOLUME_QUEUE)
         beacon = Beacon(
             beacon_conn,
             name,
@@ -115,7 +122,7 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> int:
         beacon.start()
         tasks.bind(context)
         try:
-            worker = SbxWorker([QUEUE_NAME], connection=connection, name=name)
+            worker = SbxWorker(queues, connection=connection, name=name)
             worker.on_finish = context.flush_metrics
             worker.work(burst=burst, logging_level="WARNING")
         finally:
@@ -130,6 +137,20 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> int:
         close = getattr(runtime, "close", None)
         if close is not None:
             close()
+
+
+def claim_volume_host(connection) -> bool:
+    """Volumes live on one host: claim that role for this host, or find it is another's."""
+    from workers.queues import VOLUME_HOST_KEY
+
+    host = socket.gethostname()
+    connection.set(VOLUME_HOST_KEY, host, nx=True)
+    holder = (connection.get(VOLUME_HOST_KEY) or b"").decode()
+    if holder != host:
+        log.warning("volumes live on host %r, not here (%s): not taking volume jobs; delete "
+                    "Redis key %s to move them", holder, host, VOLUME_HOST_KEY)
+        return False
+    return True
 
 
 def supervise(count: int, argv: list[str]) -> int:

@@ -4,19 +4,20 @@ These are the schemas the API and the workers share (the API never imports the r
 these and workers.queues). A job carries one msgpack-encoded `RunJob` (or `PullJob`) as its
 only argument and returns one msgpack-encoded `Outcome`, so rq itself only ever moves bytes.
 
-Room for later work (issue 5): `RunJob` grows `services` and `volumes` lists beside `spec`
-(whose `network` field already exists); older workers refuse unknown fields instead of
-silently running a job without the network or volume it asked for.
+`RunJob` carries `services` and `volumes` beside `spec` (whose `network` says none, private
+or egress); older workers refuse unknown fields instead of silently running a job without
+the network or volume it asked for. `VolumeJob` is a volume operation on the volume host.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
-from sandbox.spec import RunResult, RunSpec
+from sandbox.spec import RunResult, RunSpec, VolumeMount
+from sandbox.volumes import VolumeInfo
 
 ImageRef = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")]
 """An image reference: `name`, `name:tag`, `host:port/name:tag` or `name@sha256:...`."""
@@ -24,12 +25,34 @@ ImageRef = Annotated[str, Meta(min_length=1, max_length=255, pattern=r"^[A-Za-z0
 Tenant = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
+class ServiceJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A service container of a run (issue 5): started first, on the run's private network,
+    reachable by `name`; the main container starts once `port` accepts connections."""
+
+    name: str
+    image: ImageRef
+    spec: RunSpec
+    port: Annotated[int, Meta(ge=1, le=65535)]
+
+
 class RunJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """One run as the worker receives it: the tenant, the image and the runtime's spec."""
+    """One run as the worker receives it: the tenant, the image and the runtime's spec,
+    with the tenant's volumes to mount and the services to start first, if any."""
 
     tenant: Tenant
     image: ImageRef
     spec: RunSpec
+    volumes: list[VolumeMount] = []
+    services: list[ServiceJob] = []
+
+
+class VolumeJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A volume operation, run by a worker on the host that holds the volumes."""
+
+    op: Literal["create", "list", "inspect", "delete"]
+    tenant: Tenant
+    name: str = ""
+    size: int = 0
 
 
 class PullJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -62,6 +85,8 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     result: RunResult | None = None
     image: ImageInfo | None = None
     error: JobError | None = None
+    volumes: list[VolumeInfo] | None = None
+    """Volume jobs: the volume created or inspected (one), or the tenant's list."""
     worker: str = ""
 
 
@@ -75,6 +100,10 @@ def decode_run_job(data: bytes) -> RunJob:
 
 def decode_pull_job(data: bytes) -> PullJob:
     return msgspec.msgpack.decode(data, type=PullJob)
+
+
+def decode_volume_job(data: bytes) -> VolumeJob:
+    return msgspec.msgpack.decode(data, type=VolumeJob)
 
 
 def decode_outcome(data: bytes) -> Outcome:

@@ -18,14 +18,20 @@ from rq import Queue
 
 from sandbox.errors import InvalidSpec, Unavailable
 from workers.jobclass import SbxJob
-from workers.protocol import PullJob, RunJob, encode
+from workers.protocol import PullJob, RunJob, VolumeJob, encode
 from workers.serializer import MsgpackSerializer
 
 QUEUE_NAME = "sbx"
 """The rq queue every sbx worker listens on."""
+VOLUME_QUEUE = "sbx-volumes"
+"""The rq queue of jobs that need the volume host: runs that mount volumes, and volume
+operations. Only the workers of the one host that keeps the volumes listen on it."""
+VOLUME_HOST_KEY = "sbx:volumes:host"
+"""The host name of the volume host, claimed by its first worker (SET NX)."""
 
 RUN_FUNCTION = "workers.tasks.run"
 PULL_FUNCTION = "workers.tasks.pull"
+VOLUME_FUNCTION = "workers.tasks.volume"
 
 WORKERS_SET = "sbx:workers"
 """Set of worker names that registered; a name is alive while its `worker_key` exists."""
@@ -116,6 +122,8 @@ class JobQueue:
         self.result_ttl = result_ttl
         self.queued_ttl = queued_ttl
         self.rq = Queue(name, connection=connection, job_class=SbxJob, serializer=MsgpackSerializer)
+        self.volume_rq = Queue(VOLUME_QUEUE, connection=connection, job_class=SbxJob,
+                               serializer=MsgpackSerializer)
 
     def depth(self) -> int:
         """Jobs waiting to be taken by a worker."""
@@ -123,19 +131,27 @@ class JobQueue:
 
     def submit_run(self, job: RunJob, *, timeout: int) -> str:
         """Enqueue a run; `timeout` (seconds) bounds how long a worker may hold it."""
-        return self._submit(RUN_FUNCTION, encode(job), tenant=job.tenant, kind="run", timeout=timeout)
+        return self._submit(RUN_FUNCTION, encode(job), tenant=job.tenant, kind="run", timeout=timeout,
+                            queue=self.volume_rq if job.volumes else None)
+
+    def submit_volume(self, job: VolumeJob, *, timeout: int = 120) -> str:
+        """Enqueue a volume operation for the volume host."""
+        return self._submit(VOLUME_FUNCTION, encode(job), tenant=job.tenant, kind="volume",
+                            timeout=timeout, queue=self.volume_rq)
 
     def submit_pull(self, job: PullJob, *, tenant: str, timeout: int = 600) -> str:
         return self._submit(PULL_FUNCTION, encode(job), tenant=tenant, kind="pull", timeout=timeout)
 
     def _submit(
-        self, func: str, payload: bytes, *, tenant: str, kind: Literal["run", "pull"], timeout: int
+        self, func: str, payload: bytes, *, tenant: str, kind: Literal["run", "pull", "volume"],
+        timeout: int, queue: Queue | None = None,
     ) -> str:
+        queue = queue or self.rq
         run_id = new_run_id()
         # One round trip: the depth is read in the same transaction that enqueues; a job that
         # found the queue full is taken back out (rare, and only then costs a second trip).
         with self.connection.pipeline() as pipe:
-            self.rq.enqueue_call(
+            queue.enqueue_call(
                 func,
                 args=(payload,),
                 job_id=run_id,
@@ -146,11 +162,11 @@ class JobQueue:
                 meta={"tenant": tenant, "kind": kind},
                 pipeline=pipe,
             )
-            pipe.llen(self.rq.key)
+            pipe.llen(queue.key)
             depth = pipe.execute()[-1] - 1  # jobs that were waiting before this one
         if depth >= self.max_depth:
             with self.connection.pipeline() as pipe:
-                pipe.lrem(self.rq.key, 1, run_id)
+                pipe.lrem(queue.key, 1, run_id)
                 pipe.delete(f"{SbxJob.redis_job_namespace_prefix}{run_id}")
                 pipe.execute()
             raise Unavailable(f"queue full ({depth} jobs waiting); retry later", retry_after=2)

@@ -28,6 +28,9 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     """Run a trivial container at start and refuse to take jobs if it fails."""
     self_test_image: str = "busybox"
     self_test_cmd: tuple[str, ...] = ("true",)
+    volume_host: bool = True
+    """This host keeps the named volumes: its workers also take the volume queue (runs with
+    volumes, volume operations). Exactly one host may; the first to start claims it in Redis."""
     user: str = "sbx"
     """The unprivileged user a worker started as root switches to."""
 
@@ -57,6 +60,8 @@ class WorkerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
             values["heartbeat_interval"] = float(env["SBX_HEARTBEAT_INTERVAL"])
         if env.get("SBX_JANITOR_INTERVAL"):
             values["janitor_interval"] = float(env["SBX_JANITOR_INTERVAL"])
+        if env.get("SBX_VOLUME_HOST") in ("0", "false", "no"):
+            values["volume_host"] = False
         if env.get("SBX_USER"):
             values["user"] = env["SBX_USER"]
         values.update(overrides)

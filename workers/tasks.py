@@ -20,10 +20,11 @@ import msgspec
 import redis
 from rq import get_current_job
 
-from sandbox.errors import ImageError, SandboxError
+from sandbox.errors import ImageError, SandboxError, VolumeError
 from sandbox.spec import Verdict, validate_spec
 from workers.images import ImageResolver
-from workers.protocol import JobError, Outcome, decode_pull_job, decode_run_job, encode
+from workers.protocol import (JobError, Outcome, decode_pull_job, decode_run_job,
+                              decode_volume_job, encode)
 from workers.queues import LATENCY_BUCKETS, METRICS_LATENCY, METRICS_VERDICTS, cancel_key
 
 
@@ -43,6 +44,9 @@ class WorkerContext:
     defer_metrics: bool = False
     """True when the worker writes metrics in its end-of-job transaction (flush_metrics)."""
     pending: list[tuple[str, float | None]] = field(default_factory=list)
+    volumes: object = None
+    """The volume store (sandbox.volumes.VolumeStore) when this host keeps the volumes."""
+    volume_wait: float = 0.0
 
     def flush_metrics(self, pipe) -> None:
         """Queue the pending metric updates on `pipe` (the worker's end-of-job transaction)."""
@@ -167,7 +171,10 @@ def run(payload: bytes) -> bytes:
             spec = msgspec.structs.replace(spec, env={**image.env, **spec.env})
         if run_id in ctx.killed:
             raise _Cancelled()
-        result = _run_with_key(ctx.runtime, spec, image.rootfs, run_id)
+        if request.volumes or request.services:
+            result = _run_job(ctx, request, spec, image, run_id)
+        else:
+            result = _run_with_key(ctx.runtime, spec, image.rootfs, run_id)
         outcome = Outcome(result=result, worker=ctx.name)
     except _Cancelled:
         outcome = Outcome(error=JobError(code="cancelled", message="cancelled before it started", status=409))
@@ -198,6 +205,54 @@ def _run_with_key(runtime, spec, rootfs, run_id: str):
     if run_id and _accepts_key(runtime):
         return runtime.run(spec, rootfs, key=run_id)
     return runtime.run(spec, rootfs)
+
+
+def _run_job(ctx: WorkerContext, request, spec, image, run_id: str):
+    """A run with services (on a private network) and/or the tenant's volumes (issue 5)."""
+    from sandbox.jobs import Service, run_job
+
+    services = []
+    for svc in request.services:
+        resolved = ctx.images.resolve(svc.image)
+        svc_spec = svc.spec
+        if resolved.env:
+            svc_spec = msgspec.structs.replace(svc_spec, env={**resolved.env, **svc_spec.env})
+        services.append(Service(name=svc.name, spec=svc_spec, rootfs=resolved.rootfs,
+                                port=svc.port))
+    if not request.volumes:
+        return run_job(ctx.runtime, spec, image.rootfs, services=services, key=run_id or None)
+    if ctx.volumes is None:
+        raise VolumeError("this worker does not keep volumes (it is not the volume host)",
+                          field="volumes")
+    with ctx.volumes.attach(request.tenant, request.volumes, wait=ctx.volume_wait) as binds:
+        return run_job(ctx.runtime, spec, image.rootfs, services=services, volumes=binds,
+                       key=run_id or None)
+
+
+def volume(payload: bytes) -> bytes:
+    """Job function: create, list, inspect or delete a tenant's volumes (volume host only)."""
+    ctx = _ctx()
+    job = get_current_job()
+    try:
+        request = decode_volume_job(payload)
+        store = ctx.volumes
+        if store is None:
+            raise VolumeError("this worker does not keep volumes (it is not the volume host)")
+        if request.op == "create":
+            found = [store.create(request.tenant, request.name, request.size)]
+        elif request.op == "list":
+            found = store.list(request.tenant)
+        elif request.op == "inspect":
+            found = [store.inspect(request.tenant, request.name)]
+        else:
+            store.delete(request.tenant, request.name)
+            found = []
+        outcome = Outcome(volumes=found, worker=ctx.name)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        outcome = Outcome(error=JobError(code="invalid_spec", message=str(exc), status=400))
+    except SandboxError as exc:
+        outcome = Outcome(error=_error(exc), worker=ctx.name)
+    return _finish(ctx, outcome, _enqueued_at(job))
 
 
 def _accepts_key(runtime) -> bool:

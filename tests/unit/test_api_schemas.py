@@ -46,10 +46,36 @@ def test_only_image_and_cmd_are_required():
         decode({"image": "busybox"})
 
 
-@pytest.mark.parametrize("field", ["network", "services", "volumes", "nonsense"])
-def test_unknown_fields_are_refused_until_implemented(field):
-    with pytest.raises(msgspec.ValidationError, match=f"unknown field `{field}`"):
+def test_unknown_fields_are_refused():
+    with pytest.raises(msgspec.ValidationError, match="unknown field `nonsense`"):
+        decode({"image": "busybox", "cmd": ["true"], "nonsense": "x"})
+
+
+@pytest.mark.parametrize("field", ["network", "services", "volumes"])
+def test_network_services_and_volumes_are_typed(field):
+    with pytest.raises(msgspec.ValidationError, match=rf"at `\$\.{field}`"):
         decode({"image": "busybox", "cmd": ["true"], field: "x"})
+
+
+def test_services_imply_a_private_network_and_volumes_map_to_the_job():
+    job = to_run_job(decode({"image": "busybox", "cmd": ["true"],
+                             "services": [{"name": "db", "image": "busybox", "cmd": ["x"],
+                                           "port": 5432}],
+                             "volumes": [{"name": "data", "path": "/data/", "read_only": True}]}),
+                     tenant="t", settings=SETTINGS)
+    assert job.spec.network == "private"
+    assert job.services[0].name == "db" and job.services[0].spec.hostname == "db"
+    assert job.services[0].spec.network == "private"
+    assert (job.volumes[0].name, job.volumes[0].path, job.volumes[0].read_only) == \
+        ("data", "/data", True)
+    with pytest.raises(InvalidSpec):
+        to_run_job(decode({"image": "busybox", "cmd": ["true"], "network": "none",
+                           "services": [{"name": "db", "image": "busybox", "cmd": ["x"],
+                                         "port": 1}]}), tenant="t", settings=SETTINGS)
+    with pytest.raises(InvalidSpec):
+        to_run_job(decode({"image": "busybox", "cmd": ["true"],
+                           "volumes": [{"name": "data", "path": "/a/../.."}]}),
+                   tenant="t", settings=SETTINGS)
 
 
 def test_limit_above_server_maximum_names_the_limit():

@@ -46,7 +46,7 @@ def test_only_sbx_functions_resolve():
         with pytest.raises(JobRefused):
             j.func
     assert job("workers.tasks.run").func.__name__ == "run"
-    assert ALLOWED_FUNCTIONS == {"workers.tasks.run", "workers.tasks.pull"}
+    assert ALLOWED_FUNCTIONS == {"workers.tasks.run", "workers.tasks.pull", "workers.tasks.volume"}
 
 
 def test_callbacks_arguments_and_dependencies_are_refused():
