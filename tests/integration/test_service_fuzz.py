@@ -9,7 +9,6 @@ bound is far above what the run enqueues and Redis stays up.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
