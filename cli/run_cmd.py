@@ -64,6 +64,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--copy-out", action="append", default=[], metavar="PATH",
                    help="file of the workdir to return (with --json)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    # -- networks and volumes (issue 5) --
+    p.add_argument("--network", choices=("none", "private", "egress"),
+                   help="none (default), private (default with --service), egress")
+    p.add_argument("--service", action="append", default=[], metavar="NAME=IMAGE:PORT[,CMD]",
+                   help="start IMAGE (a reference or a rootfs directory) as host NAME on the "
+                        "run's private network first, and wait until PORT listens; CMD "
+                        "(shell-split) replaces the image's command")
+    p.add_argument("--volume", action="append", default=[], metavar="NAME:/PATH[:ro]",
+                   help="mount the named volume (see `sbx volumes`)")
+    p.add_argument("--tenant", help="owner of the volumes (default $SBX_TENANT or 'local')")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=run_command)
 
@@ -96,7 +106,9 @@ def build_spec(args: argparse.Namespace, image_env: dict[str, str], image_cmd: l
         return msgspec.convert(dict(
             cmd=cmd, env=env, stdin=stdin, workdir=args.workdir or image_workdir or "/work",
             limits=_limits(args), uid=uid, gid=uid, read_only_root=args.read_only,
-            seccomp=args.seccomp, copy_out=args.copy_out), RunSpec, from_attributes=True)
+            seccomp=args.seccomp, copy_out=args.copy_out,
+            network=args.network or ("private" if args.service else "none")),
+            RunSpec, from_attributes=True)
     except msgspec.ValidationError as exc:
         raise InvalidSpec(str(exc)) from exc
 
@@ -113,6 +125,60 @@ def result_json(result: RunResult) -> bytes:
             out[f"{name}_base64"] = base64.b64encode(raw).decode()
     out["files"] = {k: base64.b64encode(v).decode() for k, v in result.files.items()}
     return msgspec.json.encode(out)
+
+
+def parse_volume(text: str):
+    """'data:/data' or 'data:/data:ro' -> VolumeMount."""
+    from sandbox.spec import VolumeMount
+
+    name, sep, rest = text.partition(":")
+    path, _, mode = rest.partition(":")
+    if not sep or not path.startswith("/") or mode not in ("", "ro", "rw"):
+        raise InvalidSpec(f"--volume expects NAME:/PATH[:ro], got {text!r}", field="volumes")
+    return VolumeMount(name=name, path=path, read_only=mode == "ro")
+
+
+def parse_service(text: str, settings: RuntimeSettings, main: RunSpec):
+    """'web=IMAGE:8080' or 'web=IMAGE:8080,CMD ARGS' -> sandbox.jobs.Service."""
+    import shlex
+
+    from sandbox.jobs import Service
+
+    name, sep, rest = text.partition("=")
+    where, _, cmd_text = rest.partition(",")
+    ref, _, port = where.rpartition(":")
+    if not sep or not ref or not port.isdigit():
+        raise InvalidSpec(f"--service expects NAME=IMAGE:PORT[,CMD], got {text!r}",
+                          field="services")
+    env: dict[str, str] = {}
+    cmd = shlex.split(cmd_text)
+    if os.path.isdir(ref):
+        rootfs = Rootfs(layers=(os.path.abspath(ref),))
+    else:
+        from sandbox.oci.pull import Puller
+
+        image = Puller(settings).ensure(ref)
+        rootfs, env = image.rootfs, image.config.env_dict()
+        cmd = cmd or [*image.config.entrypoint, *image.config.cmd]
+    if not cmd:
+        raise InvalidSpec(f"--service {name}: no command given and the image has none",
+                          field="services")
+    wall = main.limits.wall_time + 35  # killed when the run ends; this is only a backstop
+    spec = RunSpec(cmd=cmd, env={"PATH": DEFAULT_PATH, **env}, network="private", hostname=name,
+                   limits=msgspec.structs.replace(main.limits, wall_time=min(wall, 3600)))
+    return Service(name=name, spec=spec, rootfs=rootfs, port=int(port))
+
+
+def _run_job(runtime, settings, spec, rootfs, services, mounts, args) -> RunResult:
+    from cli.volumes_cmd import tenant_of
+    from sandbox.jobs import run_job
+    from sandbox.volumes import VolumeStore
+
+    if not mounts:
+        return run_job(runtime, spec, rootfs, services=services)
+    store = VolumeStore.from_settings(settings)
+    with store.attach(tenant_of(args), mounts, wait=settings.volume_wait) as binds:
+        return run_job(runtime, spec, rootfs, services=services, volumes=binds)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -135,8 +201,13 @@ def run_command(args: argparse.Namespace) -> int:
         image_cmd = [*image.config.entrypoint, *image.config.cmd]
         image_workdir = image.config.workdir
     spec = build_spec(args, image_env, image_cmd, image_workdir)
+    services = [parse_service(text, settings, spec) for text in args.service]
+    mounts = [parse_volume(text) for text in args.volume]
     with Runtime(settings) as runtime:
-        result = runtime.run(spec, rootfs)
+        if services or mounts:
+            result = _run_job(runtime, settings, spec, rootfs, services, mounts, args)
+        else:
+            result = runtime.run(spec, rootfs)
     if args.json:
         sys.stdout.buffer.write(result_json(result) + b"\n")
     else:
