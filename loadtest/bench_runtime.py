@@ -1,11 +1,12 @@
 """Container start cost: sbx's Python API against bubblewrap, interleaved in one run.
 
 For each workload (/bin/true, python3 -c pass) it alternates one sbx run (cgroup limits, as
-deployed), one sbx run in the rlimit fallback, and one
+deployed; with --with-rlimit also one in the rlimit fallback) and one
 `bwrap --unshare-all --die-with-parent --new-session` run launched from Python with
 subprocess, on the same root filesystem, and prints medians and the ratios to bwrap. bwrap
 enforces no limits; the rlimit column shows what the memory cgroup costs the payload itself
-(charging every page it faults in). With
+(charging every page it faults in). A third column also runs one runtime's after-reply
+clean-up against the other's run, so compare it with care. With
 --caller-mb the calling process first grows by that many MB (a worker's size), to show the
 helper keeps the per-run cost flat. With --memory-runs it then does that many more sbx runs
 and prints the caller's RSS along the way (it must stay flat).
@@ -51,8 +52,8 @@ def bwrap_cmd(rootfs: Path, argv: list[str]) -> list[str]:
             "--tmpfs", "/tmp", "--clearenv", "--setenv", "PATH", PATH["PATH"], *argv]
 
 
-def rss_kb() -> int:
-    with open("/proc/self/status") as f:
+def rss_kb(pid: str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
@@ -65,6 +66,9 @@ def main() -> int:
     ap.add_argument("--caller-mb", type=int, default=0, help="grow the caller first (MB)")
     ap.add_argument("--memory-runs", type=int, default=0, help="extra sbx runs for RSS")
     ap.add_argument("--rootfs", help="a python rootfs dir (default: the test suite's)")
+    ap.add_argument("--no-spare", action="store_true", help="run with warm_spare=False")
+    ap.add_argument("--with-rlimit", action="store_true",
+                    help="also time sbx in the rlimit fallback (a third interleaved column)")
     args = ap.parse_args()
 
     ballast = bytearray(args.caller_mb << 20)
@@ -72,9 +76,10 @@ def main() -> int:
         ballast[i] = 1
     with tempfile.TemporaryDirectory(prefix="sbx-bench-") as tmp:
         rootfs = Path(args.rootfs) if args.rootfs else python_rootfs(Path(tmp))
-        settings = RuntimeSettings(state_dir=os.path.join(tmp, "state"))
+        spare = not args.no_spare
+        settings = RuntimeSettings(state_dir=os.path.join(tmp, "state"), warm_spare=spare)
         rlimit_settings = RuntimeSettings(state_dir=os.path.join(tmp, "state-rlimit"),
-                                          cgroup_mode="none")
+                                          cgroup_mode="none", warm_spare=spare)
         with Runtime(settings) as rt, Runtime(rlimit_settings) as rt_rlimit:
             layers = Rootfs(layers=(str(rootfs),))
             limits = Limits(wall_time=30, cpu_time=30)
@@ -82,13 +87,15 @@ def main() -> int:
                   f"{args.runs} runs per tool and workload, interleaved sbx / sbx-rlimit / bwrap")
             for name, argv in WORKLOADS.items():
                 spec = RunSpec(cmd=argv, env=PATH, limits=limits)
-                for _ in range(5):  # warm all three: page cache, helpers
+                for _ in range(5):  # warm: page cache, helpers
                     rt.run(spec, layers)
                     rt_rlimit.run(spec, layers)
                     subprocess.run(bwrap_cmd(rootfs, argv), check=True)
-                times: dict[str, list[float]] = {"sbx": [], "sbx-rlimit": [], "bwrap": []}
+                runtimes = [("sbx", rt)] + ([("sbx-rlimit", rt_rlimit)] if args.with_rlimit else [])
+                times: dict[str, list[float]] = {label: [] for label, _ in runtimes}
+                times["bwrap"] = []
                 for _ in range(args.runs):
-                    for label, runtime in (("sbx", rt), ("sbx-rlimit", rt_rlimit)):
+                    for label, runtime in runtimes:
                         t = time.perf_counter()
                         result = runtime.run(spec, layers)
                         times[label].append(time.perf_counter() - t)
@@ -99,17 +106,17 @@ def main() -> int:
                     times["bwrap"].append(time.perf_counter() - t)
                 med = {k: statistics.median(v) for k, v in times.items()}
                 print(f"{name:7s} " + "   ".join(f"{k} {v * 1000:6.2f} ms" for k, v in med.items())
-                      + f"   ratio sbx/bwrap {med['sbx'] / med['bwrap']:.2f}"
-                      + f"   sbx-rlimit/bwrap {med['sbx-rlimit'] / med['bwrap']:.2f}")
+                      + "".join(f"   ratio {k}/bwrap {v / med['bwrap']:.2f}"
+                                for k, v in med.items() if k != "bwrap"))
             if args.memory_runs:
                 spec = RunSpec(cmd=["/bin/true"], env=PATH)
                 marks = {}
                 for i in range(1, args.memory_runs + 1):
                     rt.run(spec, layers)
                     if i in (10, args.memory_runs // 10, args.memory_runs // 2, args.memory_runs):
-                        marks[i] = rss_kb()
-                print("caller RSS (KB) after n runs: "
-                      + ", ".join(f"{n}: {kb}" for n, kb in sorted(marks.items())))
+                        marks[i] = (rss_kb(), rss_kb(str(rt.helper_pid)))
+                print("RSS in KB (caller, helper) after n runs: "
+                      + ", ".join(f"{n}: {c}, {h}" for n, (c, h) in sorted(marks.items())))
     del ballast
     return 0
 
