@@ -339,6 +339,7 @@ class Egress:
     def __init__(self, pid: int, allow: list[AllowRule], outside: str | None) -> None:
         self.proc: subprocess.Popen | None = None
         self.exit_w = -1
+        self.log = -1
         target = f"/proc/{pid}/ns/net"
         denied = outside_addresses(outside)
         _run_in(target, ["nft", "-f", "-"], egress_ruleset(allow, denied).encode())
@@ -350,10 +351,13 @@ class Egress:
                 "--netns-type=path", target, "tap0"]
         if outside:
             argv = ["nsenter", f"--net={outside}", "--", *argv]
+        # Its messages go to a memory file, not a pipe: nobody drains a pipe during the run,
+        # and a full one would stall the run's network.
+        self.log = os.memfd_create("slirp4netns-log", os.MFD_CLOEXEC)
         try:
             self.proc = subprocess.Popen(argv, pass_fds=(ready_w, exit_r), close_fds=True,
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE,
+                                         stdin=subprocess.DEVNULL, stdout=self.log,
+                                         stderr=self.log,
                                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
         finally:
             os.close(ready_w)
@@ -377,11 +381,10 @@ class Egress:
                 if sel.select(left):
                     break
         if os.read(ready_r, 1) != b"1":
-            err = b""
-            if self.proc and self.proc.stderr:
+            if self.proc:
                 self.proc.wait(timeout=2)
-                err = self.proc.stderr.read(2000)
-            raise NetworkError(f"slirp4netns failed: {err.decode(errors='replace').strip()}")
+            err = os.pread(self.log, 2000, 0).decode(errors="replace").strip()
+            raise NetworkError(f"slirp4netns failed: {err}")
 
     def close(self) -> None:
         if self.exit_w >= 0:
@@ -391,6 +394,7 @@ class Egress:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
-            if self.proc.stderr:
-                self.proc.stderr.close()
             self.proc = None
+        if self.log >= 0:
+            os.close(self.log)
+            self.log = -1
