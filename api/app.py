@@ -46,6 +46,6 @@ def create_app(settings: Settings) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         openapi_config=openapi,
         state=State({"app": state, "keyring": state.keyring}),
-        on_shutdown=[lambda: state.close()],
+        on_shutdown=[state.close],
         debug=False,
     )

@@ -14,6 +14,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import redis
+import redis.asyncio
 from rq import Queue
 
 from sandbox.errors import InvalidSpec, Unavailable
@@ -101,6 +102,18 @@ def connect(url: str, *, block_seconds: float = 0.0) -> redis.Redis:
     )
 
 
+def connect_async(url: str, *, block_seconds: float = 0.0) -> redis.asyncio.Redis:
+    """The asyncio twin of `connect`, for the API's event loop (same URL policy and timeouts)."""
+    check_redis_url(url)
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_timeout=max(block_seconds, 0.0) + 5.0,
+        socket_connect_timeout=2.0,
+        health_check_interval=15,
+        retry_on_timeout=False,
+    )
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex
 
@@ -142,6 +155,55 @@ class JobQueue:
     def submit_pull(self, job: PullJob, *, tenant: str, timeout: int = 600) -> str:
         return self._submit(PULL_FUNCTION, encode(job), tenant=tenant, kind="pull", timeout=timeout)
 
+    async def submit_run_async(self, aconn: redis.asyncio.Redis, job: RunJob, *, timeout: int) -> str:
+        """`submit_run` for the event loop: rq builds the job, asyncio Redis sends it."""
+        queue = self.volume_rq if job.volumes else self.rq
+        if queue.redis_server_version is None:  # rq asks once per queue; ask without blocking
+            version = (await aconn.info("server"))["redis_version"]
+            queue.redis_server_version = tuple(int(part) for part in str(version).split(".")[:3])
+        run_id, staged = self._stage(RUN_FUNCTION, encode(job), tenant=job.tenant, kind="run",
+                                     timeout=timeout, queue=queue)
+        async with aconn.pipeline(transaction=True) as pipe:
+            for args, options in staged:
+                pipe.execute_command(*args, **options)
+            depth = (await pipe.execute())[-1] - 1
+        if depth >= self.max_depth:
+            async with aconn.pipeline(transaction=True) as pipe:
+                pipe.lrem(queue.key, 1, run_id)
+                pipe.delete(f"{SbxJob.redis_job_namespace_prefix}{run_id}")
+                await pipe.execute()
+            raise Unavailable(f"queue full ({depth} jobs waiting); retry later", retry_after=2)
+        return run_id
+
+    def _stage(
+        self, func: str, payload: bytes, *, tenant: str, kind: Literal["run", "pull", "volume"],
+        timeout: int, queue: Queue,
+    ) -> tuple[str, list[tuple[tuple, dict]]]:
+        """rq's own enqueue, recorded instead of sent: the commands (ending with LLEN of the
+        queue) that `_submit` runs in one transaction, for any client to send."""
+        run_id = new_run_id()
+        pipe = self.connection.pipeline()
+        try:
+            self._enqueue(queue, func, payload, run_id, tenant=tenant, kind=kind, timeout=timeout, pipe=pipe)
+            pipe.llen(queue.key)
+            return run_id, list(pipe.command_stack)
+        finally:
+            pipe.reset()
+
+    def _enqueue(self, queue: Queue, func: str, payload: bytes, run_id: str, *, tenant: str, kind: str,
+                 timeout: int, pipe) -> None:
+        queue.enqueue_call(
+            func,
+            args=(payload,),
+            job_id=run_id,
+            timeout=timeout,
+            result_ttl=self.result_ttl,
+            failure_ttl=self.result_ttl,
+            ttl=self.queued_ttl,
+            meta={"tenant": tenant, "kind": kind},
+            pipeline=pipe,
+        )
+
     def _submit(
         self, func: str, payload: bytes, *, tenant: str, kind: Literal["run", "pull", "volume"],
         timeout: int, queue: Queue | None = None,
@@ -151,17 +213,7 @@ class JobQueue:
         # One round trip: the depth is read in the same transaction that enqueues; a job that
         # found the queue full is taken back out (rare, and only then costs a second trip).
         with self.connection.pipeline() as pipe:
-            queue.enqueue_call(
-                func,
-                args=(payload,),
-                job_id=run_id,
-                timeout=timeout,
-                result_ttl=self.result_ttl,
-                failure_ttl=self.result_ttl,
-                ttl=self.queued_ttl,
-                meta={"tenant": tenant, "kind": kind},
-                pipeline=pipe,
-            )
+            self._enqueue(queue, func, payload, run_id, tenant=tenant, kind=kind, timeout=timeout, pipe=pipe)
             pipe.llen(queue.key)
             depth = pipe.execute()[-1] - 1  # jobs that were waiting before this one
         if depth >= self.max_depth:

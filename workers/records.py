@@ -11,8 +11,10 @@ import enum
 import re
 from datetime import datetime
 
+import anyio.to_thread
 import msgspec
 import redis
+import redis.asyncio
 from rq.job import JobStatus
 from rq.results import Result
 
@@ -92,14 +94,39 @@ def load(connection: redis.Redis, run_id: str) -> RunRecord | None:
 def _load(connection: redis.Redis, run_id: str) -> RunRecord | None:
     if not _JOB_ID.match(run_id):
         return None
-    job = SbxJob(run_id, connection=connection, serializer=MsgpackSerializer)
     with connection.pipeline(transaction=False) as pipe:  # one round trip for the whole record
-        pipe.hgetall(job.key)
-        pipe.xrevrange(Result.get_key(run_id), "+", "-", count=1)
-        pipe.exists(cancel_key(run_id))
+        _queue_reads(pipe, run_id)
         raw, latest_raw, cancelled = pipe.execute()
+    return _parse(connection, run_id, raw, latest_raw, cancelled)
+
+
+async def load_async(aconn: redis.asyncio.Redis, connection: redis.Redis, run_id: str) -> RunRecord | None:
+    """`load` for the event loop. `connection` (sync) is only used, in a thread, in the rare
+    case the run's worker has died and the run must be swept."""
+    if not _JOB_ID.match(run_id):
+        return None
+    async with aconn.pipeline(transaction=False) as pipe:
+        _queue_reads(pipe, run_id)
+        raw, latest_raw, cancelled = await pipe.execute()
+    record = _parse(connection, run_id, raw, latest_raw, cancelled)
+    if record is not None and record.status == RunStatus.RUNNING and record.worker:
+        if not await aconn.exists(worker_key(record.worker)):
+            return await anyio.to_thread.run_sync(load, connection, run_id)
+    return record
+
+
+def _queue_reads(pipe, run_id: str) -> None:
+    pipe.hgetall(f"{SbxJob.redis_job_namespace_prefix}{run_id}")
+    pipe.xrevrange(Result.get_key(run_id), "+", "-", count=1)
+    pipe.exists(cancel_key(run_id))
+
+
+def _parse(connection: redis.Redis, run_id: str, raw, latest_raw, cancelled) -> RunRecord | None:
+    """A run record from the replies of `_queue_reads` (no I/O: `connection` is only handed to
+    rq's objects, which want one)."""
     if not raw:
         return None
+    job = SbxJob(run_id, connection=connection, serializer=MsgpackSerializer)
     try:
         job.restore(raw)
     except Exception:  # a job hash sbx did not write: show nothing rather than fail
@@ -144,6 +171,13 @@ def wait(connection: redis.Redis, run_id: str, timeout: float) -> None:
     if timeout <= 0 or not _JOB_ID.match(run_id):
         return
     connection.xread({Result.get_key(run_id): "0-0"}, count=1, block=max(1, int(timeout * 1000)))
+
+
+async def wait_async(aconn: redis.asyncio.Redis, run_id: str, timeout: float) -> None:
+    """`wait` for the event loop (the async client's socket timeout must exceed `timeout`)."""
+    if timeout <= 0 or not _JOB_ID.match(run_id):
+        return
+    await aconn.xread({Result.get_key(run_id): "0-0"}, count=1, block=max(1, int(timeout * 1000)))
 
 
 def cancel(connection: redis.Redis, run_id: str, ttl: int) -> RunRecord | None:

@@ -23,11 +23,15 @@ OutputEncoding = Annotated[
 ]
 
 
-def _owned(app: AppState, run_id: str, tenant: str) -> RunRecord:
-    record = records.load(app.fast, run_id)
+def _mine(record: RunRecord | None, run_id: str, tenant: str) -> RunRecord:
+    """The record if it is a run of `tenant`; 404 otherwise (other tenants' runs included)."""
     if record is None or record.tenant != tenant or record.kind != "run":
         raise NotFound(f"run {run_id!r} not found", field="id")
     return record
+
+
+def _owned(app: AppState, run_id: str, tenant: str) -> RunRecord:
+    return _mine(records.load(app.fast, run_id), run_id, tenant)
 
 
 def _answer(record: RunRecord, encoding: str, *, waited: bool, accepted: int = 202) -> Response[RunOut]:
@@ -53,16 +57,13 @@ async def create_run(data: JSONBody[RunRequest], tenant: Tenant, state: State) -
     """Queue a run of `cmd` in `image`. With `wait`, answer with the result when it is done
     within the server's bound (200); otherwise, or if the bound passes first, answer 202 with
     the run's id to poll with GET /v1/runs/{id}."""
-    return await in_thread(_create_run, data, tenant, state.app)
-
-
-def _create_run(data: RunRequest, tenant: str, app: AppState) -> Response[RunOut]:
+    app: AppState = state.app
     job = to_run_job(data, tenant=tenant, settings=app.settings)
-    run_id = app.queue.submit_run(job, timeout=job_timeout(job, app.settings))
+    run_id = await app.queue.submit_run_async(app.aio, job, timeout=job_timeout(job, app.settings))
     seconds = wait_seconds(data.wait, app.settings.max_wait)
     if seconds > 0:
-        records.wait(app.blocking, run_id, seconds)
-    record = records.load(app.fast, run_id)
+        await records.wait_async(app.aio, run_id, seconds)
+    record = await records.load_async(app.aio, app.fast, run_id)
     if record is None:  # expired between submit and load: only with absurdly short TTLs
         raise NotFound(f"run {run_id!r} vanished", field="id")
     return _answer(record, data.output_encoding, waited=seconds > 0)
@@ -78,15 +79,12 @@ async def get_run(
 ) -> Response[RunOut]:
     """The run's status, and its result once done. `wait` blocks up to that many seconds
     (bounded by the server) for a queued or running run to finish."""
-    return await in_thread(_get_run, run_id, tenant, state.app, output_encoding, wait)
-
-
-def _get_run(run_id: str, tenant: str, app: AppState, output_encoding: str, wait: float) -> Response[RunOut]:
-    record = _owned(app, run_id, tenant)
+    app: AppState = state.app
+    record = _mine(await records.load_async(app.aio, app.fast, run_id), run_id, tenant)
     seconds = wait_seconds(wait, app.settings.max_wait)
     if record.status not in TERMINAL and seconds > 0:
-        records.wait(app.blocking, run_id, seconds)
-        record = _owned(app, run_id, tenant)
+        await records.wait_async(app.aio, run_id, seconds)
+        record = _mine(await records.load_async(app.aio, app.fast, run_id), run_id, tenant)
     return _answer(record, output_encoding, waited=False, accepted=200)
 
 
