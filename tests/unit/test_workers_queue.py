@@ -75,3 +75,31 @@ def test_redis_urls_allowed(url):
 def test_redis_off_loopback_needs_a_password(url):
     with pytest.raises(InvalidSpec):
         check_redis_url(url)
+
+
+def test_staged_enqueue_is_rqs_own_commands_without_io():
+    """The API's async submit replays what rq's enqueue would send: the job hash, its queue
+    entry, and the depth read last. Staging sends nothing (this client has no server)."""
+    from sandbox.spec import RunSpec
+    from workers.protocol import RunJob, encode
+    from workers.queues import RUN_FUNCTION, JobQueue
+
+    queue = JobQueue(NO_REDIS)
+    queue.rq.redis_server_version = (7, 0, 0)
+    payload = encode(RunJob(tenant="t", image="busybox", spec=RunSpec(cmd=["true"])))
+    run_id, staged = queue._stage(RUN_FUNCTION, payload, tenant="t", kind="run", timeout=60, queue=queue.rq)
+    commands = [args[0] for args, _options in staged]
+    assert commands[-1] == "LLEN" and staged[-1][0][1] == queue.rq.key
+    assert ("RPUSH", queue.rq.key, run_id) in [args[:3] for args, _ in staged]
+    hset = next(args for args, _ in staged if args[0] == "HSET" and args[1] == f"rq:job:{run_id}"
+                and "data" in args)
+    fields = dict(zip(hset[2::2], hset[3::2]))
+    job = SbxJob(run_id, connection=NO_REDIS, serializer=MsgpackSerializer)
+    def wire(value):  # what redis-py's encoder sends for each value
+        if isinstance(value, bytes):
+            return value
+        return value.encode() if isinstance(value, str) else str(value).encode()
+
+    job.restore({k.encode(): wire(v) for k, v in fields.items()})
+    assert job.func_name == RUN_FUNCTION and job.args == [payload] and job.refusal() is None
+    assert job.meta == {"tenant": "t", "kind": "run"}
