@@ -317,7 +317,7 @@ class Helper(NetVolMixin):
             slot.status_r, slot.status_w = os.pipe2(os.O_CLOEXEC)
             slot.plan_r, slot.plan_w = os.pipe2(os.O_CLOEXEC)
             if self.cgroup:
-                slot.cgroup = self.cgroup.create(limits.memory, limits.pids + 1)  # +1: init
+                slot.cgroup = self.cgroup.acquire(limits.memory, limits.pids + 1)  # +1: init
                 slot.cgroup_fds = tuple(os.open(p, os.O_WRONLY | os.O_CLOEXEC)
                                         for p in slot.cgroup.procs_files)
         except BaseException:
@@ -332,8 +332,11 @@ class Helper(NetVolMixin):
         if size != slot.tmpfs_size(slot.limits):
             sc.mount(None, slot.run_dir, None, sc.MS_REMOUNT | sc.MS_NOSUID | sc.MS_NODEV,
                      f"size={size}")
-        if slot.cgroup and (lim.memory, lim.pids) != (slot.limits.memory, slot.limits.pids):
-            slot.cgroup.set_limits(lim.memory, lim.pids + 1)
+        if slot.cgroup:
+            if (lim.memory, lim.pids) != (slot.limits.memory, slot.limits.pids):
+                slot.cgroup.set_limits(lim.memory, lim.pids + 1)
+            # A spare's init joined long ago: its own pages are this run's baseline, not peak.
+            slot.cgroup.driver.reset(slot.cgroup)
         box = os.path.join(slot.run_dir, "box")
         os.chown(box, spec.uid, spec.gid)
         copyio.copy_in(box, spec.files, spec.uid, spec.gid)
@@ -568,7 +571,7 @@ class Helper(NetVolMixin):
             run.pidfd = -1
         if run.cgroup:
             try:
-                run.cgroup.remove()
+                run.cgroup.driver.release(run.cgroup)
             except OSError:
                 pass
         try:
@@ -611,6 +614,8 @@ def main() -> None:
     helper._make_spare()
     sock.sendall(encode(Ready(helper.info())))
     helper.serve()
+    if helper.cgroup:
+        helper.cgroup.close()  # the idle ones; a dead helper's are the next one's to clean
 
 
 if __name__ == "__main__":

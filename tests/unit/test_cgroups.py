@@ -111,3 +111,62 @@ def test_stale_cgroups_of_dead_helpers_are_removed(tmp_path):
     assert driver.clean_stale() == 2
     for ctrl in ("memory", "pids"):
         assert sorted(os.listdir(v1 / ctrl / "sbx")) == [f"run-{os.getpid()}-1", "unrelated"]
+
+
+def fake_v1_run_files(path: Path) -> None:
+    """What the kernel would create in a new v1 cgroup, per controller."""
+    files = {"cgroup.procs": "", "memory.limit_in_bytes": "", "memory.max_usage_in_bytes": "0",
+             "memory.usage_in_bytes": "0", "memory.oom_control": "oom_kill 0\n",
+             "pids.max": "max", "pids.events": "max 0\n", "cpuacct.usage": "0"}
+    for name, text in files.items():
+        (path / name).write_text(text)
+
+
+def test_v1_pool_reuses_with_counters_rebased(tmp_path, monkeypatch):
+    v1 = make_v1(tmp_path, controllers=("memory", "pids", "cpuacct"))
+    driver = cgroups.CgroupV1(str(v1 / "memory/sbx"), str(v1 / "pids/sbx"), str(v1 / "cpuacct/sbx"))
+    real_mkdir = os.mkdir
+    monkeypatch.setattr(cgroups.os, "mkdir",
+                        lambda p, *a: (real_mkdir(p, *a), fake_v1_run_files(Path(p))))
+    cg = driver.acquire(memory=64 << 20, pids=9)
+    mem, pids, cpu = (Path(cg.dirs[c]) for c in ("memory", "pids", "cpuacct"))
+    # a first run: 5 MiB peak, an OOM kill, a pids hit, 2 s of CPU
+    (mem / "memory.max_usage_in_bytes").write_text(str(5 << 20))
+    (mem / "memory.usage_in_bytes").write_text(str(300 << 10))  # kernel objects left over
+    (mem / "memory.oom_control").write_text("oom_kill 1\n")
+    (pids / "pids.events").write_text("max 2\n")
+    (cpu / "cpuacct.usage").write_text(str(2 * 10**9))
+    assert cg.stats() == cgroups.CgroupStats(memory_peak=5 << 20, oom_kills=1,
+                                             pids_limit_hits=2, cpu_time=2.0)
+    driver.release(cg)
+    assert driver.free == [cg]
+    again = driver.acquire(memory=32 << 20, pids=5)
+    assert again is cg and driver.free == []
+    assert (mem / "memory.limit_in_bytes").read_text() == str(32 << 20)
+    assert (pids / "pids.max").read_text() == "5"
+    assert (mem / "memory.max_usage_in_bytes").read_text() == "0"  # peak reset requested
+    (mem / "memory.max_usage_in_bytes").write_text(str(1 << 20))  # the kernel's answer + run
+    (cpu / "cpuacct.usage").write_text(str(2_500_000_000))
+    assert cg.stats() == cgroups.CgroupStats(memory_peak=(1 << 20) - (300 << 10), oom_kills=0,
+                                             pids_limit_hits=0, cpu_time=0.5)
+    assert cg.cpu_time() == 0.5
+
+
+def test_pool_is_bounded_and_busy_cgroups_are_not_kept(tmp_path, monkeypatch):
+    v1 = make_v1(tmp_path, controllers=("memory", "pids"))
+    driver = cgroups.CgroupV1(str(v1 / "memory/sbx"), str(v1 / "pids/sbx"), None)
+    real_mkdir = os.mkdir
+    monkeypatch.setattr(cgroups.os, "mkdir",
+                        lambda p, *a: (real_mkdir(p, *a), fake_v1_run_files(Path(p))))
+    removed = []
+    monkeypatch.setattr(cgroups.RunCgroup, "remove", lambda self: removed.append(self))
+    busy = driver.acquire(memory=8 << 20, pids=4)
+    Path(busy.dirs["pids"], "cgroup.procs").write_text("4242\n")
+    driver.release(busy)
+    assert removed == [busy] and driver.free == []
+    many = [driver.acquire(memory=8 << 20, pids=4) for _ in range(cgroups.POOL_SIZE + 2)]
+    for cg in many:
+        driver.release(cg)
+    assert len(driver.free) == cgroups.POOL_SIZE and len(removed) == 3
+    driver.close()
+    assert driver.free == [] and len(removed) == 3 + cgroups.POOL_SIZE
