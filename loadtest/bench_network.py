@@ -5,7 +5,7 @@ Rounds of: a /bin/true run with network none, one with a private network of its 
 nftables filter; only with --egress, which needs no outside traffic: the run does not
 connect anywhere), a bare create_network + remove_network, a job of one busybox service
 (`nc -l`) plus a main container that talks to it, and a /bin/true run with a 1 MiB
-read-write volume holding N small files. The runtime has warm_spare off, so every column
+read-write volume holding N small files. The runtime has warm_spares=0, so every column
 pays the same fresh clone; the differences are the cost of the feature. A short gap between
 cases keeps one case's teardown (which the helper does after answering) out of the next
 case's time. Prints medians.
@@ -60,7 +60,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rootfs = Rootfs(layers=(str(busybox_root(work)),))
-        settings = RuntimeSettings(state_dir=str(work / "state"), warm_spare=False,
+        settings = RuntimeSettings(state_dir=str(work / "state"), warm_spares=0,
                                    egress=args.egress, egress_allow=("192.0.2.0/24",))
         store = VolumeStore.from_settings(settings)
         store.create("bench", "vol", 1 << 20)
@@ -112,7 +112,7 @@ def main() -> int:
                     times[name].append(timed(fn))
         base = statistics.median(times["none"])
         print(f"{'case':28} {'median ms':>10} {'+ vs none':>10}   (rounds={args.rounds}, "
-              f"busybox /bin/true, warm_spare off)")
+              f"busybox /bin/true, warm_spares=0)")
         for name, values in times.items():
             med = statistics.median(values)
             print(f"{name:28} {med:10.2f} {med - base:+10.2f}")

@@ -66,7 +66,7 @@ def main() -> int:
     ap.add_argument("--caller-mb", type=int, default=0, help="grow the caller first (MB)")
     ap.add_argument("--memory-runs", type=int, default=0, help="extra sbx runs for RSS")
     ap.add_argument("--rootfs", help="a python rootfs dir (default: the test suite's)")
-    ap.add_argument("--no-spare", action="store_true", help="run with warm_spare=False")
+    ap.add_argument("--spares", type=int, default=1, help="warm_spares setting of the runtime")
     ap.add_argument("--with-rlimit", action="store_true",
                     help="also time sbx in the rlimit fallback (a third interleaved column)")
     args = ap.parse_args()
@@ -76,10 +76,9 @@ def main() -> int:
         ballast[i] = 1
     with tempfile.TemporaryDirectory(prefix="sbx-bench-") as tmp:
         rootfs = Path(args.rootfs) if args.rootfs else python_rootfs(Path(tmp))
-        spare = not args.no_spare
-        settings = RuntimeSettings(state_dir=os.path.join(tmp, "state"), warm_spare=spare)
+        settings = RuntimeSettings(state_dir=os.path.join(tmp, "state"), warm_spares=args.spares)
         rlimit_settings = RuntimeSettings(state_dir=os.path.join(tmp, "state-rlimit"),
-                                          cgroup_mode="none", warm_spare=spare)
+                                          cgroup_mode="none", warm_spares=args.spares)
         with Runtime(settings) as rt, Runtime(rlimit_settings) as rt_rlimit:
             layers = Rootfs(layers=(str(rootfs),))
             limits = Limits(wall_time=30, cpu_time=30)

@@ -165,7 +165,7 @@ class Helper(NetVolMixin):
         os.mkdir(self.dev_template, 0o755)
         prepare_dev_template(self.dev_template)
         self.seq = 0
-        self.spare: Slot | None = None
+        self.spares: list[Slot] = []  # oldest first: the most likely to be ready
         self._netvol_init()
 
     def info(self) -> dict[str, str]:
@@ -180,7 +180,7 @@ class Helper(NetVolMixin):
         self.sock.setblocking(False)
         self.selector.register(self.sock, selectors.EVENT_READ, None)
         while True:
-            if (self.spare is None and self.settings.warm_spare
+            if (len(self.spares) < self.settings.warm_spares
                     and not any(not r.replied for r in self.runs.values())):
                 self._make_spare()  # idle: nothing is waiting on this process
             timeout = self._next_timeout()
@@ -230,9 +230,8 @@ class Helper(NetVolMixin):
             self.sock.setblocking(False)
 
     def _shutdown(self) -> None:
-        if self.spare is not None:
-            self._discard(self.spare)
-            self.spare = None
+        while self.spares:
+            self._discard(self.spares.pop())
         for run in list(self.runs.values()):
             run.kill("cancel")
         self._netvol_shutdown()
@@ -280,28 +279,24 @@ class Helper(NetVolMixin):
                                                    message=str(exc))))
             return
         self._activate(slot, req)
-        if self.spare is None:
-            self._make_spare()  # cloned while this run executes, ready for the next
+        if len(self.spares) < self.settings.warm_spares:
+            self._make_spare()  # cloned while this run executes, ready for a later one
 
     def _take_spare(self, req: RunRequest) -> "Slot | None":
-        slot, self.spare = self.spare, None
-        if slot is None:
-            return None
-        if req.binds or req.volumes or req.spec.network != "none":
+        if not self.spares or req.binds or req.volumes or req.spec.network != "none":
             # Binds and networks may name mounts or namespaces made after the spare's clone.
-            self.spare = slot
             return None
-        return slot
+        return self.spares.pop(0)
 
     def _make_spare(self) -> None:
-        if not self.settings.warm_spare:
+        if len(self.spares) >= self.settings.warm_spares:
             return
         try:
             slot = self._new_slot(DEFAULT_LIMITS)
             self._clone(slot, None)
         except Exception:  # noqa: BLE001 - no spare: the next run clones on demand
             return
-        self.spare = slot
+        self.spares.append(slot)
 
     def _new_slot(self, limits) -> "Slot":
         self.seq += 1

@@ -230,7 +230,7 @@ def _set_netns_limit(helper_pid: int, value: int) -> None:
 
 @pytest.mark.slow
 def test_hundred_jobs_leave_no_namespace_interface_or_process(tmp_path, busybox):
-    rt = Runtime(RuntimeSettings(state_dir=str(tmp_path / "state"), warm_spare=False))
+    rt = Runtime(RuntimeSettings(state_dir=str(tmp_path / "state"), warm_spares=0))
     try:
         helper = rt.helper_pid
         svc = Service(name="svc", rootfs=busybox, port=9100,
@@ -284,7 +284,7 @@ from sandbox.config import RuntimeSettings
 from sandbox.protocol import NetAttach
 from sandbox.runner import Runtime
 from sandbox.spec import Limits, Rootfs, RunSpec
-rt = Runtime(RuntimeSettings(state_dir=sys.argv[2], warm_spare=False))
+rt = Runtime(RuntimeSettings(state_dir=sys.argv[2], warm_spares=0))
 bb = Rootfs(layers=(sys.argv[3],))
 net = rt.create_network(["svc", "main"])
 for name in ("svc", "main"):
