@@ -128,7 +128,8 @@ def build_root(plan: RootfsPlan) -> None:
     else:
         # The root's upper dir is already the run's size-capped tmpfs: /tmp is a directory
         # of it, and /tmp, the work directory and the root share one disk budget.
-        os.chmod(tmp, 0o1777)
+        if stat.S_IMODE(os.lstat(tmp).st_mode) != 0o1777:
+            os.chmod(tmp, 0o1777)  # a copy-up; images usually ship /tmp as 1777 already
     for bind in plan.binds:
         target = ensure_dir(root, bind.target)
         sc.mount(bind.source, target, None, sc.MS_BIND)

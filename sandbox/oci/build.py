@@ -10,8 +10,8 @@ an empty-layer history entry.
 RUN executes inside an sbx container (sandbox.runner.Runtime) over the layers so far; the
 runtime writes the run's overlay upper directory as a layer tar, which goes through the same
 safe extraction as a pulled layer. The run's working directory is a scratch bind (not part of
-the image), so RUN first `cd`s into WORKDIR with /bin/sh when one is set. /tmp is a tmpfs and
-never ends up in a layer.
+the image), so RUN first `cd`s into WORKDIR with /bin/sh when one is set. As with Docker,
+what a RUN step leaves in /tmp is part of its layer.
 
 `DEBIAN <suite> <pkg,...>` (directly after FROM scratch) runs `mmdebstrap --mode=unshare
 --variant=extract` and takes its tar (packages and their dependencies, unpacked but not
