@@ -45,6 +45,8 @@ CONTAINER_FLAGS = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLON
 CPU_POLL_INTERVAL = 0.02
 """Seconds between reads of a run's cgroup CPU usage."""
 READ_CHUNK = 1 << 16
+SPARE_RETRY_DELAY = 1.0
+"""Seconds without spares after making one failed (runs then clone on demand)."""
 STDERR_TAIL = 4096
 
 
@@ -166,6 +168,7 @@ class Helper(NetVolMixin):
         prepare_dev_template(self.dev_template)
         self.seq = 0
         self.spares: list[Slot] = []  # oldest first: the most likely to be ready
+        self.spare_retry_at = 0.0
         self._netvol_init()
 
     def info(self) -> dict[str, str]:
@@ -180,11 +183,16 @@ class Helper(NetVolMixin):
         self.sock.setblocking(False)
         self.selector.register(self.sock, selectors.EVENT_READ, None)
         while True:
-            if (len(self.spares) < self.settings.warm_spares
-                    and not any(not r.replied for r in self.runs.values())):
-                self._make_spare()  # idle: nothing is waiting on this process
-            timeout = self._next_timeout()
-            for key, _ in self.selector.select(timeout):
+            events = self.selector.select(0)
+            if (not events and len(self.spares) < self.settings.warm_spares
+                    and time.monotonic() >= self.spare_retry_at):
+                # Spares are made only when nothing is ready: a run's output, its end or a
+                # request always comes first, and the clone fills the time a run executes.
+                self._make_spare()
+                continue
+            if not events:
+                events = self.selector.select(self._next_timeout())
+            for key, _ in events:
                 if key.fileobj is self.sock:
                     if not self._read_requests():
                         return
@@ -279,8 +287,6 @@ class Helper(NetVolMixin):
                                                    message=str(exc))))
             return
         self._activate(slot, req)
-        if len(self.spares) < self.settings.warm_spares:
-            self._make_spare()  # cloned while this run executes, ready for a later one
 
     def _take_spare(self, req: RunRequest) -> "Slot | None":
         if not self.spares or req.binds or req.volumes or req.spec.network != "none":
@@ -294,7 +300,8 @@ class Helper(NetVolMixin):
         try:
             slot = self._new_slot(DEFAULT_LIMITS)
             self._clone(slot, None)
-        except Exception:  # noqa: BLE001 - no spare: the next run clones on demand
+        except Exception:  # noqa: BLE001 - no spare: runs clone on demand for a while
+            self.spare_retry_at = time.monotonic() + SPARE_RETRY_DELAY
             return
         self.spares.append(slot)
 
