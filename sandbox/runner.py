@@ -187,8 +187,17 @@ class Runtime:
         if spec.network == "private" and network is None:
             return self._run_alone(spec, rootfs, binds, diff_tar, key, volumes)
         key = key or self.new_key()
-        pending = _Pending()
         request = encode(RunRequest(key, spec, rootfs, binds, diff_tar, volumes, network))
+        pending = self._exchange(key, request)
+        if pending is None:
+            return RunResult(verdict=Verdict.INTERNAL_ERROR,
+                             message="the runtime helper is gone")
+        assert pending.result is not None
+        return pending.result
+
+    def _exchange(self, key: str, request: bytes) -> "_Pending | None":
+        """Send `request` and wait for the helper's answer to `key` (None: helper gone)."""
+        pending = _Pending()
         with self._lock:
             if self._closed:
                 raise SetupError("runtime is closed", stage="helper")
@@ -202,11 +211,9 @@ class Runtime:
         except OSError:
             with self._lock:
                 self._pending.pop(key, None)
-            return RunResult(verdict=Verdict.INTERNAL_ERROR,
-                             message="the runtime helper is gone")
+            return None
         pending.event.wait()
-        assert pending.result is not None
-        return pending.result
+        return pending
 
     def _run_alone(self, spec, rootfs, binds, diff_tar, key, volumes) -> RunResult:
         member = spec.hostname.lower()
@@ -220,22 +227,9 @@ class Runtime:
     def _call(self, make) -> OpReply:
         """Send the request `make(key)` and wait for its OpReply."""
         key = f"op-{self.new_key()}"
-        pending = _Pending()
-        with self._lock:
-            if self._closed:
-                raise SetupError("runtime is closed", stage="helper")
-            if self._sock is None:
-                self._start()
-            sock = self._sock
-            self._pending[key] = pending
-        try:
-            with self._send_lock:
-                sock.sendall(encode(make(key)))
-        except OSError:
-            with self._lock:
-                self._pending.pop(key, None)
-            raise SetupError("the runtime helper is gone", stage="helper") from None
-        pending.event.wait()
+        pending = self._exchange(key, encode(make(key)))
+        if pending is None:
+            raise SetupError("the runtime helper is gone", stage="helper")
         if pending.reply is None:
             raise SetupError("the runtime helper exited", stage="helper")
         return pending.reply

@@ -19,6 +19,7 @@ from sandbox.config import RuntimeSettings
 from sandbox.oci.build import Builder
 from sandbox.oci.pull import Puller
 from sandbox.spec import RunSpec, Verdict
+from tests.fixtures.rootfs import build_cache_base
 from tests.integration.test_images_registry import umoci_image
 
 pytestmark = [pytest.mark.rootless, pytest.mark.registry]
@@ -35,13 +36,7 @@ def definition_hash(name: str) -> str:
 
 
 def cache_root() -> Path:
-    if os.environ.get("SBX_TEST_CACHE"):
-        base = Path(os.environ["SBX_TEST_CACHE"])
-    elif os.access("/var/cache/sbx", os.W_OK | os.X_OK):
-        base = Path("/var/cache/sbx")
-    else:
-        base = Path.home() / ".cache" / "sbx-test"
-    return base / "image-builds"
+    return build_cache_base() / "image-builds"
 
 
 def settings(state: Path, registry: str) -> RuntimeSettings:
