@@ -30,8 +30,6 @@ class RuntimeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     warm_spares: Annotated[int, Meta(ge=0, le=8)] = 1
     """Containers kept cloned ahead (id-mapped, loopback up, in their cgroup) for the next
     runs; 0 clones every run on demand. A second spare measured no faster for one caller."""
-    run_uid_default: int = 1000
-    """In-container uid of untrusted code when a run does not say."""
     registry: str = "127.0.0.1:5000"
     """Default registry for image references without a host."""
     insecure_registries: tuple[str, ...] = ("127.0.0.1:5000", "localhost:5000")

@@ -330,6 +330,11 @@ class Helper(NetVolMixin):
     def _configure(self, slot: "Slot", req: RunRequest) -> None:
         """Fit a slot to the request: sizes, limits, ownership, files, stdin."""
         spec, lim = req.spec, req.spec.limits
+        if max(spec.uid, spec.gid) > self.mapping.max_id:
+            raise SetupError(
+                f"uid/gid {spec.uid}/{spec.gid} is not mapped: this runtime maps ids 0-"
+                f"{self.mapping.max_id} ({self.mapping.mode} mode; without an /etc/subuid range "
+                "runs must use uid 0)", stage="user")
         size = slot.tmpfs_size(lim) + len(spec.stdin)
         if size != slot.tmpfs_size(slot.limits):
             sc.mount(None, slot.run_dir, None, sc.MS_REMOUNT | sc.MS_NOSUID | sc.MS_NODEV,

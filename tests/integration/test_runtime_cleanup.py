@@ -167,3 +167,16 @@ def test_a_dead_spare_is_replaced_not_reported(tmp_path, busybox):
         assert r.verdict is Verdict.OK and r.stdout == b"fine\n"
     finally:
         rt.close()
+
+
+def test_single_id_mode_refuses_unmapped_uids_clearly(tmp_path, busybox):
+    rt = Runtime(RuntimeSettings(state_dir=str(tmp_path), userns="single"))
+    try:
+        assert rt.health()["userns"] == "single"
+        r = rt.run(sh("id -u"), busybox)
+        assert r.verdict is Verdict.SETUP_ERROR and r.stage == "user"
+        assert "not mapped" in r.message and "uid 0" in r.message
+        r = rt.run(sh("id -u", uid=0, gid=0), busybox)
+        assert r.verdict is Verdict.OK and r.stdout == b"0\n"
+    finally:
+        rt.close()
