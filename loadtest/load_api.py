@@ -128,6 +128,12 @@ def http_load(url: str, key: str, body: dict, expect_stdout: str, concurrency: i
                     stats.latencies.append(took)
         conn.close()
 
+    return stats, run_threads(worker, concurrency, stats)
+
+
+def run_threads(worker, concurrency: int, stats: "Stats") -> float:
+    """Run `worker` in `concurrency` threads; record the machine's busy CPU seconds in
+    stats.busy and return the elapsed seconds."""
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     started, busy = time.monotonic(), machine_busy_seconds()
     for t in threads:
@@ -135,7 +141,7 @@ def http_load(url: str, key: str, body: dict, expect_stdout: str, concurrency: i
     for t in threads:
         t.join()
     stats.busy = machine_busy_seconds() - busy
-    return stats, time.monotonic() - started
+    return time.monotonic() - started
 
 
 def direct_load(image: str, cmd: list[str], concurrency: int, seconds: float, max_requests: int,
@@ -179,14 +185,7 @@ def direct_load(image: str, cmd: list[str], concurrency: int, seconds: float, ma
                     else:
                         stats.errors.append(f"verdict {result.verdict.value}: {result.message}")
 
-        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-        started, busy = time.monotonic(), machine_busy_seconds()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        stats.busy = machine_busy_seconds() - busy
-        return stats, time.monotonic() - started
+        return stats, run_threads(worker, concurrency, stats)
 
 
 def leftovers(url: str, key: str, state_dir: str | None, subuid_base: int) -> list[str]:
