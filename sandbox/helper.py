@@ -441,10 +441,7 @@ class Helper(NetVolMixin):
         if slot.pid:
             os.waitpid(slot.pid, 0)
         slot.close_all()
-        run = ActiveRun("", RunSpec(cmd=["-"]), slot.run_dir, None)
-        run.cgroup = slot.cgroup
-        run.netvol = slot.netvol
-        self._cleanup(run)
+        self._release(slot)
 
     # -- progress -----------------------------------------------------------------------------
     #
@@ -570,24 +567,28 @@ class Helper(NetVolMixin):
                          **common)
 
     def _cleanup(self, run: ActiveRun) -> None:
-        self._netvol_release(run)  # stop slirp4netns, leave the job network
         for fd in list(run.pipes):
             self._close_pipe(run, fd)
         if run.pidfd >= 0:
             os.close(run.pidfd)
             run.pidfd = -1
-        if run.cgroup:
+        self._release(run)
+
+    def _release(self, holder: "ActiveRun | Slot") -> None:
+        """Give back what a run or an unused slot held: network, cgroup, tmpfs."""
+        self._netvol_release(holder)  # stop slirp4netns, leave the job network
+        if holder.cgroup:
             try:
-                run.cgroup.driver.release(run.cgroup)
+                holder.cgroup.driver.release(holder.cgroup)
             except OSError:
                 pass
         try:
-            sc.umount2(run.run_dir, sc.MNT_DETACH)
+            sc.umount2(holder.run_dir, sc.MNT_DETACH)
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.ENOENT):
                 raise
         try:
-            os.rmdir(run.run_dir)
+            os.rmdir(holder.run_dir)
         except FileNotFoundError:
             pass
 
