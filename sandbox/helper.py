@@ -558,7 +558,8 @@ class Helper(NetVolMixin):
         if run.spec.copy_out:
             files, problems = copyio.copy_out(box, list(run.spec.copy_out), limits.output)
         if run.diff_tar:
-            upperdiff.write_layer(os.path.join(run.run_dir, "upper"), run.diff_tar)
+            upperdiff.write_layer(os.path.join(run.run_dir, "upper"), run.diff_tar,
+                                  limits.disk)
         message = "cancelled" if run.killed_for == "cancel" else ""
         if problems:
             message = "; ".join(filter(None, [message, *problems]))

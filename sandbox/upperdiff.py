@@ -38,13 +38,26 @@ def _info(name: str, st: os.stat_result) -> tarfile.TarInfo:
     return info
 
 
-def write_layer(upper: str, out_path: str) -> None:
-    """Write the layer tar for `upper` to `out_path` (uncompressed)."""
-    with tarfile.open(out_path, "w", format=tarfile.PAX_FORMAT) as tar:
-        _add_dir(tar, upper, "")
+class LayerTooLarge(ValueError):
+    """The upper directory holds a file larger than the run could have written."""
 
 
-def _add_dir(tar: tarfile.TarFile, host_dir: str, prefix: str) -> None:
+def write_layer(upper: str, out_path: str, max_file_size: int) -> None:
+    """Write the layer tar for `upper` to `out_path` (uncompressed).
+
+    A file whose apparent size exceeds `max_file_size` (the run's disk budget, which bounds
+    the data it can really hold) is sparse: refused, so a run cannot make the helper write a
+    terabyte of zeros to the host's disk.
+    """
+    try:
+        with tarfile.open(out_path, "w", format=tarfile.PAX_FORMAT) as tar:
+            _add_dir(tar, upper, "", max_file_size)
+    except BaseException:
+        os.unlink(out_path)  # nothing half-written is left for a builder to trust
+        raise
+
+
+def _add_dir(tar: tarfile.TarFile, host_dir: str, prefix: str, max_file_size: int) -> None:
     if prefix and _xattr(host_dir, "user.overlay.opaque") == b"y":
         marker = tarfile.TarInfo(f"{prefix}/{OPAQUE_MARKER}")
         marker.mtime = 0
@@ -63,12 +76,15 @@ def _add_dir(tar: tarfile.TarFile, host_dir: str, prefix: str) -> None:
         if stat.S_ISDIR(st.st_mode):
             info.type = tarfile.DIRTYPE
             tar.addfile(info)
-            _add_dir(tar, path, rel)
+            _add_dir(tar, path, rel, max_file_size)
         elif stat.S_ISLNK(st.st_mode):
             info.type = tarfile.SYMTYPE
             info.linkname = os.readlink(path)
             tar.addfile(info)
         elif stat.S_ISREG(st.st_mode):
+            if st.st_size > max_file_size:
+                raise LayerTooLarge(f"{rel}: {st.st_size} bytes, more than the run's "
+                                    f"{max_file_size}-byte disk: a sparse file")
             info.size = st.st_size
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             with os.fdopen(fd, "rb") as f:

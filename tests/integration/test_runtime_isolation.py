@@ -218,3 +218,17 @@ def test_other_syscall_abis_are_killed(runtime, python, probe):
     r = runtime.run(py(probe), python)
     assert r.stdout == b"calling\n"
     assert r.verdict is Verdict.SYSCALL_BLOCKED and r.signal == 31  # SIGSYS
+
+
+def test_layer_diff_refuses_a_sparse_file_bigger_than_the_disk(runtime, busybox, tmp_path):
+    out = tmp_path / "layer.tar"
+    spec = sh("echo kept > /etc/new; truncate -s 1G /etc/huge", uid=0, gid=0,
+              limits=Limits(disk=8 << 20, file_size=2 << 30))  # RLIMIT_FSIZE would stop it
+    r = runtime.run(spec, busybox, diff_tar=str(out))
+    assert r.verdict is Verdict.INTERNAL_ERROR and "sparse" in r.message
+    assert not out.exists()
+    ok = runtime.run(sh("echo kept > /etc/new", uid=0, gid=0), busybox, diff_tar=str(out))
+    assert ok.verdict is Verdict.OK
+    import tarfile
+    with tarfile.open(out) as tar:
+        assert tar.extractfile("etc/new").read() == b"kept\n"
