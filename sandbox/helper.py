@@ -242,6 +242,11 @@ class Helper(NetVolMixin):
             self._discard(self.spares.pop())
         for run in list(self.runs.values()):
             run.kill("cancel")
+            if not run.exited:
+                os.waitpid(run.pid, 0)  # SIGKILLed: its namespaces go with it
+                run.exited = True
+            del self.runs[run.key]
+            self._cleanup(run)  # back to the pool, which main() then empties
         self._netvol_shutdown()
 
     def _check_timers(self) -> None:
