@@ -63,8 +63,9 @@ def test_cpu_limit_counts_all_processes(runtime, busybox):
     script = "for i in 1 2 3; do (while :; do :; done) & done; wait"
     r = runtime.run(sh(script, limits=Limits(cpu_time=1.0, wall_time=10)), busybox)
     assert r.verdict is Verdict.TIME_LIMIT
-    assert r.cpu_time >= 1.0
-    assert r.wall_time < 2.5  # more CPU than wall: several processes were counted together
+    # Killed when the three together reached the limit: a per-process limit alone would have
+    # let each of them use a second (3 s in all) before anything stopped them.
+    assert 1.0 <= r.cpu_time < 2.0
 
 
 def test_sigxcpu_maps_to_time_limit(rlimit_runtime, busybox):
