@@ -34,10 +34,10 @@ from sandbox.config import RuntimeSettings
 from sandbox.errors import SetupError
 from sandbox.container import ContainerPlan, InitFds, PayloadPlan, StatusMessage, init_main
 from sandbox.helper_netvol import NetVol, NetVolMixin
-from sandbox.protocol import (ErrorReply, FrameBuffer, Hello, KillRequest, Mapped, NetworkRequest,
+from sandbox.protocol import (FrameBuffer, Hello, KillRequest, Mapped, NetworkRequest,
                               ProbeRequest, Ready, RunReply, RunRequest, encode, recv_message)
 from sandbox.rootfs import Bind, RootfsPlan, prepare_dev_template
-from sandbox.spec import Limits, MiB, RunResult, RunSpec, Verdict
+from sandbox.spec import Limits, RunResult, RunSpec, Verdict
 from sandbox.verdict import Observation, decide
 
 CONTAINER_FLAGS = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC

@@ -94,14 +94,8 @@ class RunReply(msgspec.Struct, tag="result", frozen=True):
     result: RunResult
 
 
-class ErrorReply(msgspec.Struct, tag="error", frozen=True):
-    key: str
-    message: str
-    stage: str
-
-
-Message = (Hello | Mapped | Ready | RunRequest | KillRequest | RunReply | ErrorReply
-           | NetworkRequest | ProbeRequest | OpReply)
+Message = (Hello | Mapped | Ready | RunRequest | KillRequest | RunReply | NetworkRequest
+           | ProbeRequest | OpReply)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

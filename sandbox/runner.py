@@ -25,7 +25,7 @@ from sandbox import userns
 from sandbox.config import RuntimeSettings
 from sandbox.errors import InvalidSpec, NetworkError, SetupError
 from sandbox.network import check_members
-from sandbox.protocol import (ErrorReply, Hello, KillRequest, Mapped, NetAttach, NetworkInfo,
+from sandbox.protocol import (Hello, KillRequest, Mapped, NetAttach, NetworkInfo,
                               NetworkRequest, OpReply, ProbeRequest, Ready, RunReply, RunRequest,
                               encode, recv_message)
 from sandbox.rootfs import Bind
@@ -101,7 +101,7 @@ class Runtime:
                 msg = recv_message(sock)
                 if msg is None:
                     break
-                if isinstance(msg, (RunReply, ErrorReply)):
+                if isinstance(msg, (RunReply, OpReply)):
                     with self._lock:
                         pending = self._pending.pop(msg.key, None)
                     if pending is None:
@@ -109,15 +109,8 @@ class Runtime:
                     if isinstance(msg, RunReply):
                         pending.result = msg.result
                     else:
-                        pending.result = RunResult(verdict=Verdict.SETUP_ERROR, stage=msg.stage,
-                                                   message=msg.message)
-                    pending.event.set()
-                elif isinstance(msg, OpReply):
-                    with self._lock:
-                        pending = self._pending.pop(msg.key, None)
-                    if pending is not None:
                         pending.reply = msg
-                        pending.event.set()
+                    pending.event.set()
         except (OSError, ConnectionError, msgspec.DecodeError):
             pass
         proc.wait()

@@ -15,7 +15,6 @@ loads the same bytes (sandbox.syscalls.SeccompProgram) as the very last step bef
 from __future__ import annotations
 
 import errno
-import os
 import tempfile
 
 import msgspec
@@ -135,7 +134,3 @@ def compile_all() -> dict[str, syscalls.SeccompProgram]:
     """Every profile compiled, keyed by name; done once per helper process."""
     return {name: syscalls.SeccompProgram(compile_profile(p)) for name, p in PROFILES.items()}
 
-
-if __name__ == "__main__":  # pragma: no cover - debugging aid
-    for name, program in compile_all().items():
-        print(name, program.size // 8, "instructions", os.getpid())
