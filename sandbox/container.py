@@ -216,6 +216,11 @@ class InitFds(msgspec.Struct, frozen=True):
     plan: int = -1  # helper -> init: the encoded ContainerPlan (spares only)
 
 
+_plan_decoder = msgspec.msgpack.Decoder(ContainerPlan)
+"""Built once in the helper: a spare inherits it instead of building msgspec's type info
+for the plan after its request arrived (~0.5-0.9 ms of copy-on-write faults measured)."""
+
+
 def _read_plan(fd: int) -> ContainerPlan:
     chunks = []
     while True:
@@ -226,7 +231,7 @@ def _read_plan(fd: int) -> ContainerPlan:
     os.close(fd)
     if not chunks:
         os._exit(SETUP_FAILED_EXIT)  # the helper retired this spare
-    return msgspec.msgpack.decode(b"".join(chunks), type=ContainerPlan)
+    return _plan_decoder.decode(b"".join(chunks))
 
 
 def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
