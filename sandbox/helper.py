@@ -45,6 +45,8 @@ CONTAINER_FLAGS = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLON
 CPU_POLL_INTERVAL = 0.02
 """Seconds between reads of a run's cgroup CPU usage."""
 READ_CHUNK = 1 << 16
+MAX_RETIRED = 8
+"""Ended runs whose tmpfs and cgroup may wait for an idle moment; more are freed at once."""
 SPARE_RETRY_DELAY = 1.0
 """Seconds without spares after making one failed (runs then clone on demand)."""
 STDERR_TAIL = 4096
@@ -168,6 +170,7 @@ class Helper(NetVolMixin):
         prepare_dev_template(self.dev_template)
         self.seq = 0
         self.spares: list[Slot] = []  # oldest first: the most likely to be ready
+        self.retired: list[ActiveRun] = []  # ended runs whose tmpfs and cgroup wait for idle
         self.spare_retry_at = 0.0
         self._netvol_init()
 
@@ -184,6 +187,11 @@ class Helper(NetVolMixin):
         self.selector.register(self.sock, selectors.EVENT_READ, None)
         while True:
             events = self.selector.select(0)
+            if not events and self.retired:
+                # Unmounting waits for an RCU grace period: done when nothing else is ready,
+                # so the next request does not queue behind the last run's teardown.
+                self._release(self.retired.pop(0))
+                continue
             if (not events and len(self.spares) < self.settings.warm_spares
                     and time.monotonic() >= self.spare_retry_at):
                 # Spares are made only when nothing is ready: a run's output, its end or a
@@ -238,6 +246,8 @@ class Helper(NetVolMixin):
             self.sock.setblocking(False)
 
     def _shutdown(self) -> None:
+        while self.retired:
+            self._release(self.retired.pop())
         while self.spares:
             self._discard(self.spares.pop())
         for run in list(self.runs.values()):
@@ -524,7 +534,7 @@ class Helper(NetVolMixin):
             self._send(RunReply(run.key, result))
         if run.replied and run.exited:
             del self.runs[run.key]
-            self._cleanup(run)
+            self._cleanup(run, later=True)
 
     def _result(self, run: ActiveRun, wall: float) -> RunResult:
         messages = []
@@ -572,13 +582,19 @@ class Helper(NetVolMixin):
                          cpu_time=round(cpu, 6), memory=memory, files=files, message=message,
                          **common)
 
-    def _cleanup(self, run: ActiveRun) -> None:
+    def _cleanup(self, run: ActiveRun, *, later: bool = False) -> None:
+        """Close a finished run's descriptors and leave its network now; give back its
+        cgroup and tmpfs now, or (`later`) once the helper is idle."""
         for fd in list(run.pipes):
             self._close_pipe(run, fd)
         if run.pidfd >= 0:
             os.close(run.pidfd)
             run.pidfd = -1
-        self._release(run)
+        self._netvol_release(run)  # at once: the job's next request may remove the network
+        if later and len(self.retired) < MAX_RETIRED:
+            self.retired.append(run)
+        else:
+            self._release(run)
 
     def _release(self, holder: "ActiveRun | Slot") -> None:
         """Give back what a run or an unused slot held: network, cgroup, tmpfs."""
