@@ -26,8 +26,9 @@ import signal
 import msgspec
 
 from sandbox import syscalls as sc
+from sandbox.errors import SetupError
 from sandbox.network import bring_up_loopback, configure_interface
-from sandbox.rootfs import RootfsPlan, build_root
+from sandbox.rootfs import RootfsPlan, enter_root, mount_root
 
 SETUP_FAILED_EXIT = 125
 RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU, signal.SIGINT, signal.SIGTERM,
@@ -235,11 +236,13 @@ def _read_plan(fd: int) -> ContainerPlan:
 
 
 def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
-              plan: ContainerPlan | None = None) -> None:
+              plan: ContainerPlan | None = None, guess: RootfsPlan | None = None) -> None:
     """Body of the cloned child. Never returns.
 
     With `plan` the request is known at clone time. Without it this is a spare: it does the
     request-independent steps (id maps, loopback) ahead of time and then waits on `fds.plan`.
+    A spare given a `guess` (the helper's bet on the next request's root) also mounts that
+    root while it waits; the helper only sends it a plan whose root is the guess.
     """
     stage = "init"
     try:
@@ -253,10 +256,12 @@ def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
         stage = "network"
         bring_up_loopback()
         cgroup_fds = fds.cgroup
+        mounted = None
         if plan is None:
             stage = "cgroup"
             _join_cgroup(cgroup_fds)  # off the run's path; the helper re-bases the counters
             cgroup_fds = ()
+            mounted = _premount(guess)
             stage = "plan"
             plan = _read_plan(fds.plan)
         if plan.payload.net_address:
@@ -265,7 +270,12 @@ def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
         stage = "stdin"
         stdin = os.open(plan.stdin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         stage = "rootfs"
-        build_root(plan.rootfs)
+        if mounted is not None and mounted != plan.rootfs:  # the helper checks; never trust it
+            sc.umount2(mounted.root, sc.MNT_DETACH)
+            raise SetupError("the spare's root does not match the plan", stage="rootfs")
+        if mounted is None:
+            mount_root(plan.rootfs)
+        enter_root(plan.rootfs)
         stage = "hostname"
         sc.sethostname(plan.payload.hostname)
         stdio = (stdin, fds.stdout, fds.stderr)
@@ -283,6 +293,22 @@ def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
         _report(fds.status, StatusMessage("setup_error", stage=stage, message=message))
         os._exit(SETUP_FAILED_EXIT)
     _reap_until(child, fds.status)
+
+
+def _premount(guess: RootfsPlan | None) -> RootfsPlan | None:
+    """Mount the guessed root ahead of the request; on any failure leave nothing mounted
+    (the real plan then mounts its root itself, and reports its own error)."""
+    if guess is None:
+        return None
+    try:
+        mount_root(guess)
+    except Exception:  # noqa: BLE001 - the run's own mount_root names the error
+        try:
+            sc.umount2(guess.root, sc.MNT_DETACH)
+        except OSError:
+            pass
+        return None
+    return guess
 
 
 def _reap_until(child: int, status_fd: int) -> None:

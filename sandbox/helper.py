@@ -66,6 +66,8 @@ class Slot:
         self.cgroup: cgroups.RunCgroup | None = None
         self.cgroup_fds: tuple[int, ...] = ()
         self.netvol = NetVol()  # networks and volumes (sandbox.helper_netvol)
+        self.guess: RootfsPlan | None = None  # the root a spare mounted before its request
+        self.guess_layers: tuple[tuple[int, int], ...] = ()  # (st_dev, st_ino) of its layers
         self.out_r = self.out_w = self.err_r = self.err_w = -1
         self.status_r = self.status_w = self.plan_r = self.plan_w = -1
 
@@ -148,6 +150,20 @@ def _rlimits(spec: RunSpec, use_cgroup: bool) -> tuple[tuple[int, int, int], ...
     return tuple(out)
 
 
+def _spare_can_serve(req: RunRequest) -> bool:
+    """Binds and networks may name mounts or namespaces made after a spare's clone."""
+    return not (req.binds or req.volumes or req.spec.network != "none")
+
+
+def _layer_ids(layers: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    """Which directories the layer paths name now (a pruned and re-pulled layer differs)."""
+    ids = []
+    for path in layers:
+        st = os.stat(path)
+        ids.append((st.st_dev, st.st_ino))
+    return tuple(ids)
+
+
 class Helper(NetVolMixin):
     def __init__(self, sock: socket.socket, settings: RuntimeSettings,
                  mapping: userns.IdMapping) -> None:
@@ -170,6 +186,9 @@ class Helper(NetVolMixin):
         prepare_dev_template(self.dev_template)
         self.seq = 0
         self.spares: list[Slot] = []  # oldest first: the most likely to be ready
+        self.last_root: RootfsPlan | None = None  # root of the last run a spare could serve
+        self.last_req: RunRequest | None = None
+        self.root_streak = 0  # how many such runs in a row had that root
         self.retired: list[ActiveRun] = []  # ended runs whose tmpfs and cgroup wait for idle
         self.spare_retry_at = 0.0
         self._netvol_init()
@@ -281,6 +300,8 @@ class Helper(NetVolMixin):
     # caller's path. Requests that need what a spare cannot give get a fresh clone instead.
 
     def _start(self, req: RunRequest) -> None:
+        if _spare_can_serve(req):
+            self._note_root(req)
         slot = self._take_spare(req)
         if slot is not None:
             try:
@@ -304,16 +325,41 @@ class Helper(NetVolMixin):
         self._activate(slot, req)
 
     def _take_spare(self, req: RunRequest) -> "Slot | None":
-        if not self.spares or req.binds or req.volumes or req.spec.network != "none":
-            # Binds and networks may name mounts or namespaces made after the spare's clone.
+        if not self.spares or not _spare_can_serve(req):
             return None
-        return self.spares.pop(0)
+        slot = self.spares.pop(0)
+        if slot.guess is not None and (slot.guess != self._rootfs_plan(slot.run_dir, req, ())
+                                       or _layer_ids(slot.guess.layers) != slot.guess_layers):
+            # Mounted for another image (or the image's layers were replaced since): a fresh
+            # clone is cheaper than taking that root apart.
+            self._discard(slot)
+            return None
+        return slot
+
+    # The guess: when the last two runs a spare could serve had the same root (image, work
+    # directory, read-only flag), the next spare mounts that root while it waits. A judge
+    # alternating languages gets plain spares instead of one wasted mount per run.
+
+    def _note_root(self, req: RunRequest) -> None:
+        shape = self._rootfs_plan("", req, ())
+        self.root_streak = self.root_streak + 1 if shape == self.last_root else 1
+        self.last_root, self.last_req = shape, req
+
+    def _guess(self, slot: "Slot") -> None:
+        if self.root_streak < 2 or self.last_req is None:
+            return
+        try:
+            slot.guess_layers = _layer_ids(self.last_req.rootfs.layers)
+        except OSError:
+            return  # the image is gone: nothing to guess
+        slot.guess = self._rootfs_plan(slot.run_dir, self.last_req, ())
 
     def _make_spare(self) -> None:
         if len(self.spares) >= self.settings.warm_spares:
             return
         try:
             slot = self._new_slot(DEFAULT_LIMITS)
+            self._guess(slot)
             self._clone(slot, None)
         except Exception:  # noqa: BLE001 - no spare: runs clone on demand for a while
             self.spare_retry_at = time.monotonic() + SPARE_RETRY_DELAY
@@ -374,11 +420,7 @@ class Helper(NetVolMixin):
 
     def _plan(self, slot: "Slot", req: RunRequest) -> ContainerPlan:
         spec, lim = req.spec, req.spec.limits
-        rootfs = RootfsPlan(
-            run_dir=slot.run_dir, dev_template=self.dev_template, layers=req.rootfs.layers,
-            binds=(Bind(os.path.join(slot.run_dir, "box"), spec.workdir), *req.binds,
-                   *slot.netvol.binds),
-            tmp_size=lim.disk, read_only_root=spec.read_only_root)
+        rootfs = self._rootfs_plan(slot.run_dir, req, slot.netvol.binds)
         payload = PayloadPlan(argv=tuple(spec.cmd), env=dict(spec.env), workdir=spec.workdir,
                               uid=spec.uid, gid=spec.gid,
                               rlimits=_rlimits(spec, self.cgroup is not None),
@@ -386,6 +428,14 @@ class Helper(NetVolMixin):
                               address_space_limit=0 if self.cgroup else lim.memory,
                               **self._netvol_payload(slot))
         return ContainerPlan(rootfs, payload, spec.seccomp, os.path.join(slot.run_dir, "stdin"))
+
+    def _rootfs_plan(self, run_dir: str, req: RunRequest, extra: tuple[Bind, ...]) -> RootfsPlan:
+        spec = req.spec
+        return RootfsPlan(
+            run_dir=run_dir, dev_template=self.dev_template, layers=req.rootfs.layers,
+            binds=(Bind(os.path.join(run_dir, "box"), spec.workdir), *req.binds, *extra),
+            tmp_size=spec.limits.disk if spec.read_only_root else 0,  # only sizes a tmpfs /tmp
+            read_only_root=spec.read_only_root)
 
     def _clone(self, slot: "Slot", plan: ContainerPlan | None) -> None:
         """Clone the container into `slot`: with its plan, or as a spare waiting for one."""
@@ -396,7 +446,7 @@ class Helper(NetVolMixin):
             pid = sc.clone(CONTAINER_FLAGS)
             if pid == 0:
                 try:
-                    init_main(fds, self.programs, plan)
+                    init_main(fds, self.programs, plan, slot.guess)
                 finally:
                     os._exit(125)
             slot.pid = pid

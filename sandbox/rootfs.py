@@ -113,8 +113,9 @@ def _mask_proc(root: str) -> None:
                      | sc.MS_NOEXEC)
 
 
-def build_root(plan: RootfsPlan) -> None:
-    """Mount everything under plan.root and pivot into it. Stage name: rootfs."""
+def mount_root(plan: RootfsPlan) -> None:
+    """Mount everything under plan.root (stage: rootfs, then enter_root). The part a spare container does before its request
+    arrives, when the helper guesses the request's image (nothing of the request is used)."""
     root = plan.root
     lower = ":".join(reversed(plan.layers))
     upper, work = os.path.join(plan.run_dir, "upper"), os.path.join(plan.run_dir, "work")
@@ -136,7 +137,11 @@ def build_root(plan: RootfsPlan) -> None:
         if bind.read_only:
             sc.mount(None, target, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | NOSUID_NODEV)
     _mask_proc(root)
-    os.chdir(root)
+
+
+def enter_root(plan: RootfsPlan) -> None:
+    """Pivot into the mounted plan.root and detach the old root."""
+    os.chdir(plan.root)
     sc.pivot_root(".", ".")
     sc.umount2(".", sc.MNT_DETACH)
     os.chdir("/")
