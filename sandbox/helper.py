@@ -6,7 +6,8 @@ tmpfs over the scratch directory, so every run's files live in memory of this na
 if the helper dies, its mount namespace and every run's data go with it.
 
 Per run it mounts a size-capped tmpfs (upper dir, work dir, work directory, stdin), creates the
-run's cgroup, clones the container (sandbox.container.init_main), writes the nested id maps,
+run's cgroup, has its cloner (sandbox.cloner) clone the container as the helper's own child
+(sandbox.container.init_main), writes the nested id maps,
 and then watches, in one selector loop shared by all runs: stdout/stderr pipes (capped, always
 drained), the status pipe, a pidfd for the exit, the wall deadline and the cgroup's CPU usage.
 When the container's init exits the kernel has already killed and reaped everything in its pid
@@ -16,7 +17,6 @@ namespace, so the helper can safely copy files out, read the cgroup and unmount.
 from __future__ import annotations
 
 import errno
-import gc
 import math
 import os
 import resource
@@ -32,7 +32,8 @@ from sandbox import cgroups, copyio, seccomp, upperdiff, userns
 from sandbox import syscalls as sc
 from sandbox.config import RuntimeSettings
 from sandbox.errors import SetupError
-from sandbox.container import ContainerPlan, InitFds, PayloadPlan, StatusMessage, init_main
+from sandbox.cloner import Cloner
+from sandbox.container import ContainerPlan, InitFds, PayloadPlan, StatusMessage
 from sandbox.helper_netvol import NetVol, NetVolMixin
 from sandbox.protocol import (FrameBuffer, Hello, KillRequest, Mapped, NetworkRequest,
                               ProbeRequest, Ready, RunReply, RunRequest, encode, recv_message)
@@ -40,8 +41,6 @@ from sandbox.rootfs import Bind, RootfsPlan, prepare_dev_template
 from sandbox.spec import Limits, RunResult, RunSpec, Verdict
 from sandbox.verdict import Observation, decide
 
-CONTAINER_FLAGS = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC
-                   | sc.CLONE_NEWUTS | sc.CLONE_NEWNET)
 CPU_POLL_INTERVAL = 0.02
 """Seconds between reads of a run's cgroup CPU usage."""
 READ_CHUNK = 1 << 16
@@ -174,7 +173,11 @@ class Helper(NetVolMixin):
         self.runs: dict[str, ActiveRun] = {}
         self.by_fd: dict[int, ActiveRun] = {}
         self.frames = FrameBuffer()
+        self.cloner = Cloner({name: os.environ.get(name, "")
+                              for name in ("PATH", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")})
+        self.cloner.start()  # its interpreter starts while the profiles compile
         self.programs = seccomp.compile_all()
+        self.cloner.set_programs(self.programs)
         self.cgroup = cgroups.detect(settings.cgroup_mode, v2_root=settings.v2_root,
                                      v1_root=settings.cgroup_v1_root, name=settings.cgroup_name)
         if self.cgroup:
@@ -197,7 +200,8 @@ class Helper(NetVolMixin):
         return {"limits_mode": self.cgroup.mode if self.cgroup else "rlimit",
                 "userns": self.mapping.mode, "helper_pid": str(os.getpid()),
                 "max_container_id": str(self.mapping.max_id),
-                "seccomp_profiles": ",".join(sorted(self.programs))}
+                "seccomp_profiles": ",".join(sorted(self.programs)),
+                "cloner_pid": str(self.cloner.pid or "")}
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -265,6 +269,7 @@ class Helper(NetVolMixin):
             self.sock.setblocking(False)
 
     def _shutdown(self) -> None:
+        self.cloner.stop()
         while self.retired:
             self._release(self.retired.pop())
         while self.spares:
@@ -443,12 +448,7 @@ class Helper(NetVolMixin):
         fds = InitFds(sync=sync_r, status=slot.status_w, stdout=slot.out_w, stderr=slot.err_w,
                       cgroup=slot.cgroup_fds, plan=slot.plan_r if plan is None else -1)
         try:
-            pid = sc.clone(CONTAINER_FLAGS)
-            if pid == 0:
-                try:
-                    init_main(fds, self.programs, plan, slot.guess)
-                finally:
-                    os._exit(125)
+            pid = self.cloner.clone(fds, plan, slot.guess)
             slot.pid = pid
             slot.pidfd = sc.pidfd_open(pid)
             slot.close_child_ends()
@@ -687,10 +687,6 @@ def main() -> None:
     sock = socket.socket(fileno=fd)
     mapping = _enter_namespace(sock, settings)
     helper = Helper(sock, settings, mapping)
-    # Every clone copies this process; a collector walking the heap would dirty its pages in
-    # each container's init. Freeze what exists and leave the rest to reference counting.
-    gc.freeze()
-    gc.disable()
     helper._make_spare()
     sock.sendall(encode(Ready(helper.info())))
     helper.serve()

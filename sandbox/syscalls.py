@@ -27,6 +27,7 @@ SYS_pidfd_open = 434
 SYS_openat2 = 437
 SYS_close_range = 436
 
+CLONE_PARENT = 0x00008000
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -144,6 +145,7 @@ class SeccompProgram:
     def __init__(self, bpf: bytes) -> None:
         if len(bpf) % 8:
             raise ValueError("BPF program length must be a multiple of 8")
+        self.bpf = bytes(bpf)
         self._buffer = ctypes.create_string_buffer(bpf, len(bpf))
         self._prog = _SockFprog(len(bpf) // 8, ctypes.addressof(self._buffer))
         self.size = len(bpf)

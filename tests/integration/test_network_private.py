@@ -19,6 +19,7 @@ from sandbox.jobs import Service, run_job
 from sandbox.protocol import NetAttach
 from sandbox.runner import Runtime
 from sandbox.spec import FileIn, Limits, RunSpec, Verdict
+from tests.fixtures.containers import children, helper_containers
 from tests.fixtures.ports import wait_until
 
 pytestmark = pytest.mark.rootless
@@ -179,7 +180,7 @@ def test_private_needs_an_existing_network(runtime, busybox):
 
 def _tree(pid: int) -> list[int]:
     out = [pid]
-    for child in _children(pid):
+    for child in children(pid):
         out += _tree(child)
     return out
 
@@ -211,17 +212,6 @@ def _fds(pid: int) -> list[str]:
     return sorted(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _children(pid: int) -> set[int]:
-    out: set[int] = set()
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out |= {int(c) for c in f.read().split()}
-    except OSError:  # exited meanwhile
-        pass
-    return out
-
-
 def _set_netns_limit(helper_pid: int, value: int) -> None:
     """Write max_net_namespaces of the helper's user namespace (we own it, so we may)."""
     subprocess.run(["nsenter", f"--user=/proc/{helper_pid}/ns/user", "--", "sh", "-c",
@@ -247,7 +237,8 @@ def test_hundred_jobs_leave_no_namespace_interface_or_process(tmp_path, busybox)
                         services=[svc])
             assert r.verdict is Verdict.OK and r.stdout == b"pong\n", (r.stderr, r.message)
             setup.append(r.setup_time)
-        wait_until(lambda: not _children(helper), timeout=10, what="helper children to exit")
+        wait_until(lambda: not helper_containers(helper), timeout=10,
+                   what="helper children to exit")
         # The helper answers before it tears a run down: its fds come back shortly after.
         wait_until(lambda: _fds(helper) == fds_before, timeout=10, what="helper fds back")
         assert _netns_refs(_tree(helper)) <= refs_before
@@ -310,7 +301,7 @@ def test_killed_worker_takes_its_networks_with_it(tmp_path, busybox_rootfs):
     try:
         info = json.loads(proc.stdout.readline())
         helper, job_netns = info["helper"], f"net:[{info['netns']}]"
-        containers = _children(helper)
+        containers = set(helper_containers(helper))
         assert len(containers) == 2  # the two containers, both up and listening
         helper_fds = [os.readlink(f"/proc/{helper}/fd/{fd}") for fd in _fds(helper)]
         assert sum(t.startswith("socket:") for t in helper_fds) >= 2  # runtime + job netlink

@@ -13,6 +13,7 @@ from sandbox.cgroups import POOL_SIZE
 from sandbox.config import RuntimeSettings
 from sandbox.runner import Runtime
 from sandbox.spec import Limits, RunSpec, Verdict
+from tests.fixtures.containers import helper_cloners, helper_containers
 from tests.fixtures.ports import wait_until
 
 pytestmark = pytest.mark.rootless
@@ -43,14 +44,6 @@ def container_processes(marker: str) -> list[int]:
         if marker.encode() in cmdline:
             pids.append(int(entry))
     return pids
-
-
-def helper_children(helper: int) -> list[int]:
-    try:
-        with open(f"/proc/{helper}/task/{helper}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        return []
 
 
 def run_cgroups(helper: int) -> set[str]:
@@ -100,7 +93,7 @@ def test_two_hundred_runs_leave_nothing_behind(runtime, busybox):
     assert threading.active_count() == threads_before
     # What may remain: the one spare container the helper keeps cloned for the next run, and
     # a few idle cgroups kept for reuse (bounded), all without a process.
-    assert len(helper_children(helper)) <= 1
+    assert len(helper_containers(helper)) <= 1
     assert container_processes("sbx-200-runs") == []
     assert len(run_cgroups(helper)) <= POOL_SIZE + 1
     assert settled(scratch)
@@ -159,12 +152,37 @@ def test_a_dead_spare_is_replaced_not_reported(tmp_path, busybox):
     try:
         assert rt.run(sh("true"), busybox).verdict is Verdict.OK
         helper = rt.helper_pid
-        wait_until(lambda: len(helper_children(helper)) == 1, timeout=5, what="a spare")
-        (spare,) = helper_children(helper)
+        wait_until(lambda: len(helper_containers(helper)) == 1, timeout=5, what="a spare")
+        (spare,) = helper_containers(helper)
         os.kill(spare, signal.SIGKILL)
         time.sleep(0.1)
         r = rt.run(sh("echo fine"), busybox)
         assert r.verdict is Verdict.OK and r.stdout == b"fine\n"
+    finally:
+        rt.close()
+
+
+def test_a_dead_cloner_is_restarted_and_containers_stay_the_helpers(tmp_path, busybox):
+    rt = Runtime(RuntimeSettings(state_dir=str(tmp_path), warm_spares=0))
+    try:
+        assert rt.run(sh("true"), busybox).verdict is Verdict.OK
+        helper = rt.helper_pid
+        (cloner,) = helper_cloners(helper)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            r=rt.run(sh("sleep 1; echo sbx-cloned"), busybox)))
+        t.start()
+        wait_until(lambda: helper_containers(helper), timeout=5, what="the container")
+        # The container is the helper's child (CLONE_PARENT), not the cloner's: killing
+        # the cloner leaves the run alone.
+        os.kill(cloner, signal.SIGKILL)
+        t.join(10)
+        assert result["r"].verdict is Verdict.OK and result["r"].stdout == b"sbx-cloned\n"
+        again = rt.run(sh("echo again"), busybox)  # a new cloner clones this one
+        assert again.verdict is Verdict.OK and again.stdout == b"again\n"
+        wait_until(lambda: not os.path.exists(f"/proc/{cloner}"), timeout=5,
+                   what="the dead cloner to be reaped")
+        assert len(helper_cloners(helper)) == 1
     finally:
         rt.close()
 

@@ -16,6 +16,7 @@ import pytest
 from sandbox.config import RuntimeSettings
 from sandbox.runner import Runtime
 from sandbox.spec import Rootfs, RunSpec, Verdict
+from tests.fixtures.containers import helper_containers
 from tests.fixtures.ports import wait_until
 
 pytestmark = pytest.mark.rootless
@@ -27,12 +28,11 @@ WHICH = RunSpec(cmd=["/bin/sh", "-c", "cat /etc/which 2>/dev/null || echo none"]
 def spare_overlay_lowers(helper: int) -> list[str] | None:
     """The lowerdir of the overlay the helper's waiting spare has mounted, or None when the
     spare has none (or there is no single spare right now)."""
+    spares = helper_containers(helper)
+    if len(spares) != 1:
+        return None
     try:
-        with open(f"/proc/{helper}/task/{helper}/children") as f:
-            children = f.read().split()
-        if len(children) != 1:
-            return None
-        with open(f"/proc/{children[0]}/mountinfo") as f:
+        with open(f"/proc/{spares[0]}/mountinfo") as f:
             lines = f.read().splitlines()
     except OSError:
         return None
