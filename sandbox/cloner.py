@@ -83,10 +83,13 @@ class Cloner:
     def start(self) -> None:
         """Start the process (it imports while the helper goes on; it waits for its setup)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # LD_BIND_NOW: the dynamic linker binds every symbol at start, once, instead of on
+        # each first call in each container (a lookup and a copied GOT page per container).
+        env = {**self.env, "LD_BIND_NOW": "1"}
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "sandbox.cloner", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=self.env, cwd="/")
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env, cwd="/")
         finally:
             theirs.close()
         if self.setup:

@@ -16,6 +16,10 @@ import os
 _libc = ctypes.PyDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+# Looked up now, once: CDLL resolves a name (dlsym, a new function object) on first use, and
+# every container's init is a fresh clone that would otherwise pay that for each call.
+_unshare, _mount, _umount2 = _libc.unshare, _libc.mount, _libc.umount2
+_sethostname, _prctl = _libc.sethostname, _libc.prctl
 
 # x86_64 syscall numbers.
 SYS_clone = 56
@@ -87,17 +91,17 @@ def clone(flags: int) -> int:
 
 
 def unshare(flags: int) -> None:
-    _check(_libc.unshare(ctypes.c_int(flags)))
+    _check(_unshare(ctypes.c_int(flags)))
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
           data: str | None = None) -> None:
-    _check(_libc.mount(_path(source), _path(target), _path(fstype), ctypes.c_ulong(flags),
+    _check(_mount(_path(source), _path(target), _path(fstype), ctypes.c_ulong(flags),
                        _path(data)))
 
 
 def umount2(target: str, flags: int = 0) -> None:
-    _check(_libc.umount2(_path(target), ctypes.c_int(flags)))
+    _check(_umount2(_path(target), ctypes.c_int(flags)))
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
@@ -106,11 +110,11 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 def sethostname(name: str) -> None:
     raw = name.encode()
-    _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))))
+    _check(_sethostname(raw, ctypes.c_size_t(len(raw))))
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-    return _check(_libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
+    return _check(_prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3),
                               ctypes.c_ulong(arg4), ctypes.c_ulong(arg5)))
 
 
