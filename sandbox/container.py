@@ -242,7 +242,8 @@ def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
     With `plan` the request is known at clone time. Without it this is a spare: it does the
     request-independent steps (id maps, loopback) ahead of time and then waits on `fds.plan`.
     A spare given a `guess` (the helper's bet on the next request's root) also mounts that
-    root while it waits; the helper only sends it a plan whose root is the guess.
+    root and pivots into it while it waits; the helper only sends it a plan whose root is the
+    guess.
     """
     stage = "init"
     try:
@@ -256,26 +257,31 @@ def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
         stage = "network"
         bring_up_loopback()
         cgroup_fds = fds.cgroup
-        mounted = None
+        entered = None
         if plan is None:
             stage = "cgroup"
             _join_cgroup(cgroup_fds)  # off the run's path; the helper re-bases the counters
             cgroup_fds = ()
-            mounted = _premount(guess)
+            stage = "rootfs"
+            entered = _enter_ahead(guess)
             stage = "plan"
             plan = _read_plan(fds.plan)
         if plan.payload.net_address:
             stage = "network"
             configure_interface("eth0", plan.payload.net_address, plan.payload.net_prefixlen)
         stage = "stdin"
-        stdin = os.open(plan.stdin_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        stage = "rootfs"
-        if mounted is not None and mounted != plan.rootfs:  # the helper checks; never trust it
-            sc.umount2(mounted.root, sc.MNT_DETACH)
-            raise SetupError("the spare's root does not match the plan", stage="rootfs")
-        if mounted is None:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        if entered is None:
+            stdin = os.open(plan.stdin_path, flags)
+            stage = "rootfs"
             mount_root(plan.rootfs)
-        enter_root(plan.rootfs)
+            enter_root(plan.rootfs)
+        else:
+            if entered.rootfs != plan.rootfs:  # the helper checks; never trust it
+                raise SetupError("the spare's root does not match the plan", stage="rootfs")
+            # The host path is out of reach since pivot_root; the slot's fd is not.
+            stdin = os.open(os.path.basename(plan.stdin_path), flags, dir_fd=entered.run_dir)
+            os.close(entered.run_dir)
         stage = "hostname"
         sc.sethostname(plan.payload.hostname)
         stdio = (stdin, fds.stdout, fds.stderr)
@@ -295,9 +301,16 @@ def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
     _reap_until(child, fds.status)
 
 
-def _premount(guess: RootfsPlan | None) -> RootfsPlan | None:
-    """Mount the guessed root ahead of the request; on any failure leave nothing mounted
-    (the real plan then mounts its root itself, and reports its own error)."""
+class _Entered(msgspec.Struct):
+    """A spare's root, mounted and pivoted into before its request arrived."""
+
+    rootfs: RootfsPlan
+    run_dir: int  # O_PATH fd of the slot directory, still reachable after pivot_root
+
+
+def _enter_ahead(guess: RootfsPlan | None) -> _Entered | None:
+    """Mount the guessed root and pivot into it ahead of the request. If it cannot be
+    mounted, leave nothing mounted: the run then mounts its own root and reports its error."""
     if guess is None:
         return None
     try:
@@ -308,7 +321,12 @@ def _premount(guess: RootfsPlan | None) -> RootfsPlan | None:
         except OSError:
             pass
         return None
-    return guess
+    run_dir = os.open(guess.run_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        enter_root(guess)
+    except Exception:  # noqa: BLE001 - half entered: this spare is no use, the helper replaces it
+        os._exit(SETUP_FAILED_EXIT)
+    return _Entered(guess, run_dir)
 
 
 def _reap_until(child: int, status_fd: int) -> None:
