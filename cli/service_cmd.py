@@ -106,8 +106,9 @@ class Stack:
                 proc.wait()
 
     def dead(self) -> str | None:
+        """The first long-running child that exited; reaps finished one-shot children."""
         for name, proc in self.procs:
-            if name not in self.oneshot and proc.poll() is not None:
+            if proc.poll() is not None and name not in self.oneshot:
                 return f"{name} exited with {proc.returncode} (log: {self.logs / (name + '.log')})"
         return None
 
