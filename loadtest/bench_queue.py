@@ -41,7 +41,7 @@ from workers.worker import SbxWorker  # noqa: E402
 class NullRuntime:
     """Returns OK without running anything: the benchmark measures the queue alone."""
 
-    def run(self, spec, rootfs):
+    def run(self, spec, rootfs, *, key=None):
         return RunResult(verdict=Verdict.OK, exit_code=0)
 
 

@@ -11,7 +11,6 @@ runtime's message. The worker process binds its context (runtime, images, Redis)
 from __future__ import annotations
 
 import bisect
-import inspect
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -202,9 +201,7 @@ class _Cancelled(Exception):
 
 def _run_with_key(runtime, spec, rootfs, run_id: str):
     """Call the runtime with the run id as its key, so `runtime.kill(run_id)` finds the run."""
-    if run_id and _accepts_key(runtime):
-        return runtime.run(spec, rootfs, key=run_id)
-    return runtime.run(spec, rootfs)
+    return runtime.run(spec, rootfs, key=run_id or None)
 
 
 def _run_job(ctx: WorkerContext, request, spec, image, run_id: str):
@@ -253,13 +250,6 @@ def volume(payload: bytes) -> bytes:
     except SandboxError as exc:
         outcome = Outcome(error=_error(exc), worker=ctx.name)
     return _finish(ctx, outcome, _enqueued_at(job))
-
-
-def _accepts_key(runtime) -> bool:
-    try:
-        return "key" in inspect.signature(runtime.run).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def pull(payload: bytes) -> bytes:
