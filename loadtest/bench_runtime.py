@@ -9,7 +9,8 @@ enforces no limits; the rlimit column shows what the memory cgroup costs the pay
 clean-up against the other's run, so compare it with care. With
 --caller-mb the calling process first grows by that many MB (a worker's size), to show the
 helper keeps the per-run cost flat. With --memory-runs it then does that many more sbx runs
-and prints the caller's RSS along the way (it must stay flat).
+and prints the RSS of the caller, the helper and its cloner along the way (all must stay
+flat).
 
 Run as the unprivileged service user: sudo -u sbx /opt/sbx/venv/bin/python -m loadtest.bench_runtime
 """
@@ -113,9 +114,12 @@ def main() -> int:
                 for i in range(1, args.memory_runs + 1):
                     rt.run(spec, layers)
                     if i in (10, args.memory_runs // 10, args.memory_runs // 2, args.memory_runs):
-                        marks[i] = (rss_kb(), rss_kb(str(rt.helper_pid)))
-                print("RSS in KB (caller, helper) after n runs: "
-                      + ", ".join(f"{n}: {c}, {h}" for n, (c, h) in sorted(marks.items())))
+                        cloner = rt.health().get("cloner_pid", "")
+                        marks[i] = (rss_kb(), rss_kb(str(rt.helper_pid)),
+                                    rss_kb(cloner) if cloner else 0)
+                print("RSS in KB (caller, helper, cloner) after n runs: "
+                      + ", ".join(f"{n}: {c}, {h}, {k}" for n, (c, h, k)
+                                  in sorted(marks.items())))
     del ballast
     return 0
 
