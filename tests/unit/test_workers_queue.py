@@ -103,3 +103,28 @@ def test_staged_enqueue_is_rqs_own_commands_without_io():
     job.restore({k.encode(): wire(v) for k, v in fields.items()})
     assert job.func_name == RUN_FUNCTION and job.args == [payload] and job.refusal() is None
     assert job.meta == {"tenant": "t", "kind": "run"}
+
+
+def test_async_connections_pack_commands_as_redis_py_does():
+    """The API's asyncio Redis connections pack with hiredis; the wire bytes are redis-py's."""
+    import asyncio
+
+    import redis.asyncio
+
+    from workers.queues import connect_async
+
+    commands = [("SET", "k", "välue"), ("HSET", b"rq:job:x", "n", 7, "f", 1.5),
+                ("CONFIG GET", "maxmemory"), (b"CLIENT SETNAME", "api"),
+                ("XREAD", "BLOCK", 1000, "STREAMS", "s", "0-0"),
+                ("SET", "m", memoryview(b"bytes")), ("SET", "b", bytearray(b"ba"))]
+    for url, plain in (("redis://127.0.0.1:1/0", redis.asyncio.Connection),
+                       ("unix:///tmp/none.sock?db=0", redis.asyncio.UnixDomainSocketConnection)):
+        client = connect_async(url)
+        pool = client.connection_pool
+        fast = pool.connection_class(**pool.connection_kwargs)
+        reference = plain(**pool.connection_kwargs)
+        assert type(fast) is not plain and isinstance(fast, plain)
+        for cmd in commands:
+            assert b"".join(fast.pack_command(*cmd)) == b"".join(
+                bytes(p) for p in reference.pack_command(*cmd)), cmd
+        asyncio.run(client.aclose())
