@@ -13,6 +13,7 @@ key is generated once and kept in STATE/api-key (mode 0600); `sbx submit` reads 
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
 import os
@@ -67,6 +68,16 @@ def _registry_answers(host: str, port: int) -> bool:
         return False
 
 
+def _die_with_parent(parent: int) -> None:
+    """In a child before exec: SIGTERM when `sbx up` dies, even by SIGKILL (runuser, for one,
+    sends SIGKILL two seconds after forwarding a SIGTERM, before a slow stop() is done)."""
+    from sandbox import syscalls as sc
+
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
 class Stack:
     """The child processes of `sbx up`, stopped in reverse order of start."""
 
@@ -84,7 +95,8 @@ class Stack:
         # Each child leads its own process group, so stopping it reaches its children too
         # (image builds run mmdebstrap and containers).
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
         self.procs.append((name, proc))
         if oneshot:
             self.oneshot.add(name)

@@ -30,3 +30,35 @@ def test_a_long_running_child_that_exits_is_reported(tmp_path):
     proc.wait()
     problem = stack.dead()
     assert problem is not None and problem.startswith("api exited with 1")
+
+
+STACK_OWNER = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from cli.service_cmd import Stack
+proc = Stack(Path(sys.argv[2])).start("redis", ["sleep", "60"])
+print(proc.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_children_get_sigterm_when_sbx_up_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    owner = subprocess.Popen([sys.executable, "-c", STACK_OWNER, str(repo), str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(owner.stdout.readline())
+        assert os.path.exists(f"/proc/{child}")
+    finally:
+        owner.send_signal(signal.SIGKILL)  # no stop(): only the death signal can reach it
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{child}") and _state(child) != "Z":
+        assert time.monotonic() < deadline, "the stack's child outlived sbx up"
+        time.sleep(0.05)
