@@ -19,7 +19,7 @@ from sandbox.jobs import Service, run_job
 from sandbox.protocol import NetAttach
 from sandbox.runner import Runtime
 from sandbox.spec import FileIn, Limits, RunSpec, Verdict
-from tests.fixtures.containers import children, helper_containers
+from tests.fixtures.containers import children, helper_containers, user_ns
 from tests.fixtures.ports import wait_until
 
 pytestmark = pytest.mark.rootless
@@ -201,13 +201,6 @@ def _netns_refs(pids) -> set[str]:
     return refs
 
 
-def _user_ns(pid: str) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/user")
-    except OSError:
-        return None
-
-
 def _fds(pid: int) -> list[str]:
     return sorted(os.listdir(f"/proc/{pid}/fd"))
 
@@ -314,5 +307,5 @@ def test_killed_worker_takes_its_networks_with_it(tmp_path, busybox_rootfs):
     assert job_netns not in _netns_refs([os.getpid()])
     # Nothing of the helper's user namespace is left: no process is in it.
     leftovers = [pid for pid in filter(str.isdigit, os.listdir("/proc"))
-                 if _user_ns(pid) == info["userns"]]
+                 if user_ns(pid) == info["userns"]]
     assert not leftovers
