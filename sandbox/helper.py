@@ -333,13 +333,20 @@ class Helper(NetVolMixin):
         if not self.spares or not _spare_can_serve(req):
             return None
         slot = self.spares.pop(0)
-        if slot.guess is not None and (slot.guess != self._rootfs_plan(slot.run_dir, req, ())
-                                       or _layer_ids(slot.guess.layers) != slot.guess_layers):
+        if slot.guess is not None and not self._guess_holds(slot, req):
             # Mounted for another image (or the image's layers were replaced since): a fresh
             # clone is cheaper than taking that root apart.
             self._discard(slot)
             return None
         return slot
+
+    def _guess_holds(self, slot: "Slot", req: RunRequest) -> bool:
+        if slot.guess != self._rootfs_plan(slot.run_dir, req, ()):
+            return False
+        try:
+            return _layer_ids(req.rootfs.layers) == slot.guess_layers
+        except OSError:  # a layer is gone: the fresh clone reports it as the run's error
+            return False
 
     # The guess: when the last two runs a spare could serve had the same root (image, work
     # directory, read-only flag), the next spare mounts that root while it waits. A judge

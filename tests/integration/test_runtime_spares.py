@@ -118,3 +118,17 @@ def test_a_root_that_cannot_be_mounted_ahead_still_gets_its_own_error(runtime, b
         assert r.verdict is Verdict.SETUP_ERROR and r.stage == "rootfs", (r.message, r.stage)
         assert "/tmp" in r.message
     assert runtime.run(WHICH, Rootfs(layers=(str(busybox_rootfs),))).stdout == b"none\n"
+
+
+def test_a_layer_gone_since_the_guess_is_the_runs_error_not_the_helpers(runtime, busybox_rootfs,
+                                                                        tmp_path):
+    top = tmp_path / "top"
+    image = Rootfs(layers=(str(busybox_rootfs), layer(top, "a")))
+    for _ in range(2):
+        runtime.run(WHICH, image)
+    wait_until(lambda: spare_overlay_lowers(runtime.helper_pid) == list(reversed(image.layers)),
+               timeout=5, what="a spare with the image's root mounted")
+    os.rename(top, tmp_path / "pruned")  # pruned, not pulled again
+    r = runtime.run(WHICH, image)
+    assert r.verdict is Verdict.SETUP_ERROR and r.stage == "rootfs", (r.verdict, r.message)
+    assert runtime.run(WHICH, Rootfs(layers=(str(busybox_rootfs),))).stdout == b"none\n"
