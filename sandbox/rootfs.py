@@ -114,8 +114,9 @@ def _mask_proc(root: str) -> None:
 
 
 def mount_root(plan: RootfsPlan) -> None:
-    """Mount everything under plan.root (stage: rootfs, then enter_root). The part a spare container does before its request
-    arrives, when the helper guesses the request's image (nothing of the request is used)."""
+    """Mount everything under plan.root; enter_root then pivots into it (stage: rootfs).
+    A spare does both before its request arrives when the helper guesses the request's root
+    (nothing of the request is used)."""
     root = plan.root
     lower = ":".join(reversed(plan.layers))
     upper, work = os.path.join(plan.run_dir, "upper"), os.path.join(plan.run_dir, "work")
