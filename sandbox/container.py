@@ -1,14 +1,15 @@
 """Code that runs inside a new container: its init (pid 1) and the payload's last steps.
 
-The helper clones a child into fresh user, mount, pid, ipc, uts and net namespaces; that child
-runs `init_main`. Start order (after runc's init; each step names its stage on failure):
-  wait for the id maps -> rootfs (overlay, /proc, /dev, tmpfs, binds, pivot_root) -> hostname
-  -> network (loopback up) -> stdio -> rlimits -> cgroup join -> cgroup namespace -> drop the
+The helper's cloner (sandbox.cloner) clones a child into fresh user, mount, pid, ipc, uts and
+net namespaces; that child runs `init_main`. Start order (after runc's init; each step names
+its stage on failure):
+  wait for the id maps -> network (loopback up) -> rootfs (overlay, /proc, /dev, tmpfs, binds,
+  pivot_root) -> hostname -> stdio -> rlimits -> cgroup join -> cgroup namespace -> drop the
   capability bounding set -> uid/gid -> not dumpable -> workdir -> close every fd but 0-2 ->
   no_new_privs -> seccomp -> spawn the payload (setsid, default signals) -> execve.
-A spare (cloned before its request) does the steps up to the cgroup join while it waits, and
-the rootfs too when the helper guessed the request's root. Init drops its own privileges and
-loads the filter itself, then starts the payload with
+A spare (cloned before its request) joins its cgroup right after the loopback, and mounts and
+enters its root too when the helper guessed the request's root, then waits for its plan.
+Init drops its own privileges and loads the filter itself, then starts the payload with
 posix_spawn (vfork-fast, no copy of a Python process): everything is inherited. Seccomp comes
 last because every call after it is filtered: loading it earlier would force the profile to
 allow the setup calls (mount, setuid, prctl) that it exists to forbid.
