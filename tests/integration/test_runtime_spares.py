@@ -50,6 +50,15 @@ def layer(path: Path, text: str) -> str:
     return str(path)
 
 
+def mount_ahead(runtime: Runtime, image: Rootfs, which: str) -> None:
+    """Run `image` (its /etc/which says `which`) twice, then wait for the spare that has its
+    root mounted ahead."""
+    for _ in range(2):
+        assert runtime.run(WHICH, image).stdout == f"{which}\n".encode()
+    wait_until(lambda: spare_overlay_lowers(runtime.helper_pid) == list(reversed(image.layers)),
+               timeout=5, what="a spare with the image's root mounted")
+
+
 @pytest.fixture
 def runtime(tmp_path):
     rt = Runtime(RuntimeSettings(state_dir=str(tmp_path / "state")))
@@ -59,10 +68,7 @@ def runtime(tmp_path):
 
 def test_the_spare_mounts_the_root_of_repeated_runs_ahead(runtime, busybox_rootfs, tmp_path):
     image = Rootfs(layers=(str(busybox_rootfs), layer(tmp_path / "a", "a")))
-    for _ in range(2):
-        assert runtime.run(WHICH, image).stdout == b"a\n"
-    wait_until(lambda: spare_overlay_lowers(runtime.helper_pid) == list(reversed(image.layers)),
-               timeout=5, what="a spare with the image's root mounted")
+    mount_ahead(runtime, image, "a")
     r = runtime.run(WHICH, image)
     assert r.verdict is Verdict.OK and r.stdout == b"a\n"
 
@@ -71,24 +77,15 @@ def test_a_spare_mounted_for_one_image_never_serves_another(runtime, busybox_roo
     a = Rootfs(layers=(str(busybox_rootfs), layer(tmp_path / "a", "a")))
     b = Rootfs(layers=(str(busybox_rootfs), layer(tmp_path / "b", "b")))
     plain = Rootfs(layers=(str(busybox_rootfs),))
-    for _ in range(2):
-        runtime.run(WHICH, a)
-    wait_until(lambda: spare_overlay_lowers(runtime.helper_pid) is not None, timeout=5,
-               what="a spare with a root mounted")
+    mount_ahead(runtime, a, "a")
     assert runtime.run(WHICH, b).stdout == b"b\n"
     assert runtime.run(WHICH, plain).stdout == b"none\n"
     # Other shapes of the same image: another work directory, a read-only root.
-    for _ in range(2):
-        runtime.run(WHICH, a)
-    wait_until(lambda: spare_overlay_lowers(runtime.helper_pid) is not None, timeout=5,
-               what="a spare with a root mounted")
+    mount_ahead(runtime, a, "a")
     r = runtime.run(RunSpec(cmd=["/bin/sh", "-c", "pwd; cat /etc/which"], env=PATH,
                             workdir="/elsewhere"), a)
     assert r.stdout == b"/elsewhere\na\n"
-    for _ in range(2):
-        runtime.run(WHICH, a)
-    wait_until(lambda: spare_overlay_lowers(runtime.helper_pid) is not None, timeout=5,
-               what="a spare with a root mounted")
+    mount_ahead(runtime, a, "a")
     r = runtime.run(RunSpec(cmd=["/bin/sh", "-c", "touch /x"], env=PATH, read_only_root=True),
                     a)
     assert r.verdict is Verdict.NONZERO_EXIT and b"Read-only" in r.stderr
@@ -97,10 +94,7 @@ def test_a_spare_mounted_for_one_image_never_serves_another(runtime, busybox_roo
 def test_a_replaced_layer_is_not_served_from_the_old_mount(runtime, busybox_rootfs, tmp_path):
     top = tmp_path / "top"
     image = Rootfs(layers=(str(busybox_rootfs), layer(top, "old")))
-    for _ in range(2):
-        runtime.run(WHICH, image)
-    wait_until(lambda: spare_overlay_lowers(runtime.helper_pid) == list(reversed(image.layers)),
-               timeout=5, what="a spare with the image's root mounted")
+    mount_ahead(runtime, image, "old")
     os.rename(top, tmp_path / "pruned")  # what the store's prune does, then a new pull
     layer(top, "new")
     r = runtime.run(WHICH, image)
@@ -124,10 +118,7 @@ def test_a_layer_gone_since_the_guess_is_the_runs_error_not_the_helpers(runtime,
                                                                         tmp_path):
     top = tmp_path / "top"
     image = Rootfs(layers=(str(busybox_rootfs), layer(top, "a")))
-    for _ in range(2):
-        runtime.run(WHICH, image)
-    wait_until(lambda: spare_overlay_lowers(runtime.helper_pid) == list(reversed(image.layers)),
-               timeout=5, what="a spare with the image's root mounted")
+    mount_ahead(runtime, image, "a")
     os.rename(top, tmp_path / "pruned")  # pruned, not pulled again
     r = runtime.run(WHICH, image)
     assert r.verdict is Verdict.SETUP_ERROR and r.stage == "rootfs", (r.verdict, r.message)
