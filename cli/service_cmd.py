@@ -28,6 +28,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from sandbox import syscalls as sc
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REDIS_PORT = 6390
 """Port of the Redis `sbx up` starts: not 6379, which Debian's own redis-server service takes."""
@@ -70,9 +72,8 @@ def _registry_answers(host: str, port: int) -> bool:
 
 def _die_with_parent(parent: int) -> None:
     """In a child before exec: SIGTERM when `sbx up` dies, even by SIGKILL (runuser, for one,
-    sends SIGKILL two seconds after forwarding a SIGTERM, before a slow stop() is done)."""
-    from sandbox import syscalls as sc
-
+    sends SIGKILL two seconds after forwarding a SIGTERM, before a slow stop() is done).
+    Nothing is imported here: a forked child must not take the import lock."""
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it died before the line above
         os._exit(1)

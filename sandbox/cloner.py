@@ -62,7 +62,8 @@ _reply_decoder = msgspec.msgpack.Decoder(CloneReply)
 
 
 class Cloner:
-    """The helper's handle on its cloner process (started on first use, again if it died)."""
+    """The helper's handle on its cloner process (started with the helper; started again by
+    the next clone if it died)."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
@@ -102,7 +103,7 @@ class Cloner:
         order = _encoder.encode(CloneOrder(has_plan_fd=fds.plan >= 0, plan=plan, guess=guess))
         passed = [fds.sync, fds.status, fds.stdout, fds.stderr,
                   *([fds.plan] if fds.plan >= 0 else []), *fds.cgroup]
-        for attempt in (1, 2):
+        for _ in range(2):
             if self.sock is None:
                 self.start()
             assert self.sock is not None
