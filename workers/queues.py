@@ -13,9 +13,9 @@ import uuid
 from typing import Literal
 from urllib.parse import urlsplit
 
-import hiredis
 import redis
 import redis.asyncio
+from redis.connection import HiredisRespSerializer
 from rq import Queue
 
 from sandbox.errors import InvalidSpec, Unavailable
@@ -108,19 +108,13 @@ class _HiredisPacking:
 
     redis-py's asyncio connections pack every command in Python (an encode() and several
     isinstance checks per argument): a sixth of the API's CPU per run under load (cProfile).
-    The bytes on the wire are the same.
+    The bytes on the wire are the same; the packing is the sync client's own serializer.
     """
 
+    _packer = HiredisRespSerializer()
+
     def pack_command(self, *args):
-        if isinstance(args[0], str):
-            args = (*args[0].encode().split(), *args[1:])
-        elif b" " in args[0]:
-            args = (*args[0].split(), *args[1:])
-        args = tuple(bytes(a) if isinstance(a, (bytearray, memoryview)) else a for a in args)
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError as exc:
-            raise redis.DataError(str(exc)) from exc
+        return self._packer.pack(*args)
 
 
 class _AsyncTcpConnection(_HiredisPacking, redis.asyncio.Connection):
