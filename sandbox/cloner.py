@@ -1,64 +1,36 @@
-"""The cloner: a small process that clones every container on the helper's behalf.
+"""The helper's handle on its cloner: a small process that clones every container.
 
 clone(2) copies the calling process: its page tables at once, then every page either side
-writes afterwards (copy-on-write). Cloned from the helper (a busy 20 MB interpreter), each
-run cost ~1 ms of page copies in the helper itself and more in the container's init
-(measured with perf: a quarter of the machine's CPU per run went to page faults). The cloner
-imports only what a container's init runs, does nothing between clones, and clones with
-CLONE_PARENT: each container is still the helper's child, so the helper waits for it, sees
-its exit on a pidfd, and PR_SET_PDEATHSIG ties it to the helper, not to the cloner.
-
-Protocol, over a SOCK_SEQPACKET pair (one message per datagram): the helper first sends a
-CloneSetup (the compiled seccomp programs); then per container a CloneOrder with the init's
-descriptors attached (SCM_RIGHTS), answered by a CloneReply with the new pid.
+writes afterwards (copy-on-write), and the clone tears all of it down when it exits. Cloned
+from the helper (a busy 20 MB interpreter), each run cost ~1 ms of page copies in the helper
+itself and more in the container's init (measured with perf: a quarter of the machine's CPU
+per run went to page faults). The cloner (sandbox.cloner_process) imports only what a
+container's init runs, does nothing between clones, and clones with CLONE_PARENT: each
+container is still the helper's child, so the helper waits for it, sees its exit on a pidfd,
+and PR_SET_PDEATHSIG ties it to the helper, not to the cloner. Its protocol is described
+there; this side encodes plans with sandbox.plans.for_init.
 """
 
 from __future__ import annotations
 
-import gc
+import marshal
 import os
-import signal
 import socket
 import subprocess
 import sys
 
-import msgspec
-
+import sandbox
 from sandbox import syscalls as sc
-from sandbox.container import ContainerPlan, InitFds, init_main
+from sandbox.container import InitFds
 from sandbox.errors import SetupError
-from sandbox.rootfs import RootfsPlan
+from sandbox.plans import ContainerPlan, RootfsPlan, for_init
 
-CONTAINER_FLAGS = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC
-                   | sc.CLONE_NEWUTS | sc.CLONE_NEWNET)
-MAX_FDS = 16
 MAX_MESSAGE = 1 << 20
-
-
-class CloneSetup(msgspec.Struct, frozen=True):
-    programs: dict[str, bytes | None]  # seccomp profile name -> BPF (None: no filter)
-
-
-class CloneOrder(msgspec.Struct, frozen=True):
-    """Clone one container. The attached fds are, in order: sync, status, stdout, stderr,
-    plan (when has_plan_fd), then the cgroup.procs files."""
-
-    has_plan_fd: bool
-    plan: ContainerPlan | None = None
-    guess: RootfsPlan | None = None
-
-
-class CloneReply(msgspec.Struct, frozen=True):
-    pid: int = 0
-    error: str = ""
-
-
-_encoder = msgspec.msgpack.Encoder()
-_order_decoder = msgspec.msgpack.Decoder(CloneOrder)
-_reply_decoder = msgspec.msgpack.Decoder(CloneReply)
-
-
-# -- helper side --------------------------------------------------------------------------------
+SANDBOX_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__)))
+"""The directory that holds the sandbox package: the cloner runs without site (-S), so
+without the venv's paths."""
+BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
+        "from sandbox.cloner_process import main; main(int(sys.argv[2]))")
 
 
 class Cloner:
@@ -67,13 +39,12 @@ class Cloner:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
-        self.setup = b""  # the encoded CloneSetup, once the programs are known
+        self.setup = b""  # the encoded seccomp programs, once they are known
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
 
     def set_programs(self, programs: dict[str, sc.SeccompProgram | None]) -> None:
-        self.setup = _encoder.encode(
-            CloneSetup({name: p.bpf if p else None for name, p in programs.items()}))
+        self.setup = marshal.dumps({name: p.bpf if p else None for name, p in programs.items()})
         if self.sock is not None:
             self.sock.send(self.setup)
 
@@ -89,7 +60,7 @@ class Cloner:
         env = {**self.env, "LD_BIND_NOW": "1"}
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sandbox.cloner", str(theirs.fileno())],
+                [sys.executable, "-I", "-S", "-c", BOOT, SANDBOX_PARENT, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env, cwd="/")
         finally:
             theirs.close()
@@ -100,7 +71,7 @@ class Cloner:
     def clone(self, fds: InitFds, plan: ContainerPlan | None,
               guess: RootfsPlan | None) -> int:
         """Clone a container running init_main(fds, programs, plan, guess); its pid."""
-        order = _encoder.encode(CloneOrder(has_plan_fd=fds.plan >= 0, plan=plan, guess=guess))
+        order = marshal.dumps((fds.plan >= 0, for_init(plan), for_init(guess)))
         passed = [fds.sync, fds.status, fds.stdout, fds.stderr,
                   *([fds.plan] if fds.plan >= 0 else []), *fds.cgroup]
         for _ in range(2):
@@ -117,10 +88,13 @@ class Cloner:
             self.stop()  # it died: start another once
         else:
             raise SetupError("the container cloner is gone", stage="clone")
-        reply = _reply_decoder.decode(data)
-        if reply.error:
-            raise SetupError(f"clone: {reply.error}", stage="clone")
-        return reply.pid
+        try:
+            pid, error = marshal.loads(data)
+        except (ValueError, TypeError, EOFError) as exc:
+            raise SetupError(f"clone: unreadable reply from the cloner: {exc}", stage="clone") from exc
+        if error or not isinstance(pid, int) or pid <= 0:
+            raise SetupError(f"clone: {error or 'no pid'}", stage="clone")
+        return pid
 
     def stop(self) -> None:
         if self.sock is not None:
@@ -130,49 +104,3 @@ class Cloner:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
-
-
-# -- cloner process -----------------------------------------------------------------------------
-
-
-def _serve(sock: socket.socket, programs: dict[str, sc.SeccompProgram | None]) -> None:
-    while True:
-        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
-        if not data:
-            return
-        try:
-            order = _order_decoder.decode(data)
-            plan_fd = fds[4] if order.has_plan_fd else -1
-            init_fds = InitFds(sync=fds[0], status=fds[1], stdout=fds[2], stderr=fds[3],
-                               cgroup=tuple(fds[5 if order.has_plan_fd else 4:]), plan=plan_fd)
-            pid = sc.clone(CONTAINER_FLAGS | sc.CLONE_PARENT)
-            if pid == 0:
-                try:
-                    sock.close()
-                    init_main(init_fds, programs, order.plan, order.guess)
-                finally:
-                    os._exit(125)
-            reply = CloneReply(pid=pid)
-        except (OSError, IndexError, msgspec.DecodeError) as exc:
-            reply = CloneReply(error=str(exc) or type(exc).__name__)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        sock.send(_encoder.encode(reply))
-
-
-def main() -> None:
-    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)  # the helper is our parent
-    sock = socket.socket(fileno=int(sys.argv[1]))
-    setup = msgspec.msgpack.decode(sock.recv(MAX_MESSAGE), type=CloneSetup)
-    programs = {name: sc.SeccompProgram(bpf) if bpf is not None else None
-                for name, bpf in setup.programs.items()}
-    # What exists now is shared with every container; a collector walking it would dirty
-    # its pages in each of them.
-    gc.freeze()
-    gc.disable()
-    _serve(sock, programs)
-
-
-if __name__ == "__main__":
-    main()

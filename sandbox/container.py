@@ -22,16 +22,18 @@ wait status and rusage of the whole tree on the status pipe.
 
 from __future__ import annotations
 
+import collections
+import marshal
 import os
 import resource
 import signal
-
-import msgspec
+from _json import encode_basestring_ascii as _json_string
+from types import SimpleNamespace
 
 from sandbox import syscalls as sc
 from sandbox.errors import SetupError
-from sandbox.network import bring_up_loopback, configure_interface
-from sandbox.rootfs import RootfsPlan, enter_root, mount_root
+from sandbox.ifconfig import bring_up_loopback, configure_interface
+from sandbox.rootfs import enter_root, mount_root, root_dir
 
 SETUP_FAILED_EXIT = 125
 RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU, signal.SIGINT, signal.SIGTERM,
@@ -39,40 +41,13 @@ RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU, signal.SIGINT, 
 """Python ignores or handles these; the payload must start with the default dispositions."""
 
 
-class PayloadPlan(msgspec.Struct, frozen=True):
-    argv: tuple[str, ...]
-    env: dict[str, str]
-    workdir: str
-    uid: int
-    gid: int
-    rlimits: tuple[tuple[int, int, int], ...]
-    hostname: str
-    last_cap: int = 40
-    """Highest capability number of this kernel (read once by the helper)."""
-    address_space_limit: int = 0
-    """RLIMIT_AS for the payload alone (rlimit mode); 0 when a cgroup limits memory."""
-    net_address: str = ""
-    """IPv4 address of eth0 on a private job network (the helper made eth0); "" for none."""
-    net_prefixlen: int = 24
-
-
-class StatusMessage(msgspec.Struct, frozen=True, omit_defaults=True):
-    """One line on the status pipe, from init or the payload, to the helper."""
-
-    kind: str  # "setup_error" or "exit"
-    stage: str = ""
-    message: str = ""
-    wait_status: int = 0
-    cpu_time: float = 0.0
-    max_rss: int = 0
-
-
-_encoder = msgspec.json.Encoder()
-
-
-def _report(fd: int, msg: StatusMessage) -> None:
+def _report(fd: int, kind: str, **fields) -> None:
+    """Write one sandbox.plans.StatusMessage line (JSON) on the status pipe."""
+    parts = [f'"kind":{_json_string(kind)}']
+    for name, value in fields.items():
+        parts.append(f'"{name}":{_json_string(value) if isinstance(value, str) else repr(value)}')
     try:
-        os.write(fd, _encoder.encode(msg) + b"\n")
+        os.write(fd, ("{" + ",".join(parts) + "}\n").encode())
     except OSError:
         pass
 
@@ -96,7 +71,7 @@ def _resolve(argv0: str, env: dict[str, str]) -> str:
     return argv0
 
 
-def _drop_to_payload(plan: PayloadPlan, stdio: tuple[int, int, int],
+def _drop_to_payload(plan, stdio: tuple[int, int, int],
                      cgroup_fds: tuple[int, ...], status_fd: int,
                      program: sc.SeccompProgram | None) -> str:
     """Turn this process (init) into the payload's unprivileged, filtered parent.
@@ -138,7 +113,7 @@ def _drop_to_payload(plan: PayloadPlan, stdio: tuple[int, int, int],
         stage = "workdir"
         os.chdir(plan.workdir)
         stage = "fds"
-        path = _resolve(plan.argv[0], plan.env)
+        path = _resolve(plan.argv[0], dict(plan.env))
         os.set_inheritable(status_fd, False)
         _close_all_except({status_fd})
         stage = "no_new_privs"
@@ -164,7 +139,7 @@ def _join_cgroup(cgroup_fds: tuple[int, ...]) -> None:
         sc.unshare(sc.CLONE_NEWCGROUP)
 
 
-def _start_payload(plan: PayloadPlan, path: str) -> int:
+def _start_payload(plan, path: str) -> int:
     """Start the payload as init's only child, in a new session, default signals."""
     if plan.address_space_limit:
         # rlimit mode: RLIMIT_AS can only go on the payload itself, so fork and set it there.
@@ -176,13 +151,13 @@ def _start_payload(plan: PayloadPlan, path: str) -> int:
                 for sig in RESET_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, [])
-                os.execve(path, list(plan.argv), plan.env)
+                os.execve(path, list(plan.argv), dict(plan.env))
             except OSError as exc:
                 _exec_failed(plan, exc)
             os._exit(126)
         return child
     try:
-        return os.posix_spawn(path, list(plan.argv), plan.env, setsid=True,
+        return os.posix_spawn(path, list(plan.argv), dict(plan.env), setsid=True,
                               setsigdef=RESET_SIGNALS, setsigmask=())
     except OSError as exc:
         # posix_spawn reports exec failures here; mimic a shell: message and 126/127.
@@ -192,7 +167,7 @@ def _start_payload(plan: PayloadPlan, path: str) -> int:
         return child
 
 
-def _exec_failed(plan: PayloadPlan, exc: OSError) -> None:
+def _exec_failed(plan, exc: OSError) -> None:
     code = 127 if isinstance(exc, FileNotFoundError) else 126
     try:
         os.write(2, f"sbx: {plan.argv[0]}: {exc.strerror}\n".encode(errors="replace"))
@@ -200,32 +175,27 @@ def _exec_failed(plan: PayloadPlan, exc: OSError) -> None:
         os._exit(code)
 
 
-class ContainerPlan(msgspec.Struct, frozen=True):
-    """Everything a container's init needs that depends on the request."""
-
-    rootfs: RootfsPlan
-    payload: PayloadPlan
-    profile: str
-    stdin_path: str
+InitFds = collections.namedtuple("InitFds", "sync status stdout stderr cgroup plan", defaults=(-1,))
+"""The descriptors a cloned init inherits from the helper: sync (helper -> init: "1" once the
+id maps are written), status (init -> helper: StatusMessage lines), stdout, stderr, cgroup
+(cgroup.procs files to join), plan (helper -> init: the plan; spares only, else -1)."""
 
 
-class InitFds(msgspec.Struct, frozen=True):
-    """The descriptors a cloned init inherits from the helper."""
-
-    sync: int  # helper -> init: "1" once the id maps are written
-    status: int  # init -> helper: StatusMessage lines
-    stdout: int
-    stderr: int
-    cgroup: tuple[int, ...]  # cgroup.procs files to join
-    plan: int = -1  # helper -> init: the encoded ContainerPlan (spares only)
+def plan_view(data: bytes):
+    """A plan the helper encoded with sandbox.plans.for_init, as attribute views: each dict
+    a SimpleNamespace (views compare by value), each list or tuple a tuple; None stays None."""
+    return _view(marshal.loads(data))
 
 
-_plan_decoder = msgspec.msgpack.Decoder(ContainerPlan)
-"""Built once in the helper: a spare inherits it instead of building msgspec's type info
-for the plan after its request arrived (~0.5-0.9 ms of copy-on-write faults measured)."""
+def _view(value):
+    if isinstance(value, dict):
+        return SimpleNamespace(**{name: _view(item) for name, item in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_view(item) for item in value)
+    return value
 
 
-def _read_plan(fd: int) -> ContainerPlan:
+def _read_plan(fd: int):
     chunks = []
     while True:
         chunk = os.read(fd, 1 << 16)
@@ -235,13 +205,14 @@ def _read_plan(fd: int) -> ContainerPlan:
     os.close(fd)
     if not chunks:
         os._exit(SETUP_FAILED_EXIT)  # the helper retired this spare
-    return _plan_decoder.decode(b"".join(chunks))
+    return plan_view(b"".join(chunks))
 
 
 def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
-              plan: ContainerPlan | None = None, guess: RootfsPlan | None = None) -> None:
+              plan=None, guess=None) -> None:
     """Body of the cloned child. Never returns.
 
+    `plan` and `guess` are views (plan_view) of a sandbox.plans.ContainerPlan and RootfsPlan.
     With `plan` the request is known at clone time. Without it this is a spare: it does the
     request-independent steps (id maps, loopback) ahead of time and then waits on `fds.plan`.
     A spare given a `guess` (the helper's bet on the next request's root) also mounts that
@@ -299,19 +270,17 @@ def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
     except Exception as exc:  # noqa: BLE001 - every failure is a named setup stage
         stage = getattr(exc, "stage", stage)
         message = getattr(exc, "detail", None) or str(exc)
-        _report(fds.status, StatusMessage("setup_error", stage=stage, message=message))
+        _report(fds.status, "setup_error", stage=stage, message=message)
         os._exit(SETUP_FAILED_EXIT)
     _reap_until(child, fds.status)
 
 
-class _Entered(msgspec.Struct):
-    """A spare's root, mounted and pivoted into before its request arrived."""
-
-    rootfs: RootfsPlan
-    run_dir: int  # O_PATH fd of the slot directory, still reachable after pivot_root
+_Entered = collections.namedtuple("_Entered", "rootfs run_dir")
+"""A spare's root (the guess's view), mounted and pivoted into before its request arrived,
+and an O_PATH fd of its slot directory, still reachable after pivot_root."""
 
 
-def _enter_ahead(guess: RootfsPlan | None) -> _Entered | None:
+def _enter_ahead(guess) -> _Entered | None:
     """Mount the guessed root and pivot into it ahead of the request. If it cannot be
     mounted, leave nothing mounted: the run then mounts its own root and reports its error."""
     if guess is None:
@@ -320,7 +289,7 @@ def _enter_ahead(guess: RootfsPlan | None) -> _Entered | None:
         mount_root(guess)
     except Exception:  # noqa: BLE001 - the run's own mount_root names the error
         try:
-            sc.umount2(guess.root, sc.MNT_DETACH)
+            sc.umount2(root_dir(guess), sc.MNT_DETACH)
         except OSError:
             pass
         return None
@@ -348,7 +317,6 @@ def _reap_until(child: int, status_fd: int) -> None:
             except ProcessLookupError:
                 pass
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    _report(status_fd, StatusMessage(
-        "exit", wait_status=payload_status or 0,
-        cpu_time=usage.ru_utime + usage.ru_stime, max_rss=usage.ru_maxrss * 1024))
+    _report(status_fd, "exit", wait_status=payload_status or 0,
+            cpu_time=usage.ru_utime + usage.ru_stime, max_rss=usage.ru_maxrss * 1024)
     os._exit(0)

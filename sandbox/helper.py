@@ -33,11 +33,13 @@ from sandbox import syscalls as sc
 from sandbox.config import RuntimeSettings
 from sandbox.errors import SetupError
 from sandbox.cloner import Cloner
-from sandbox.container import ContainerPlan, InitFds, PayloadPlan, StatusMessage
+from sandbox.container import InitFds
 from sandbox.helper_netvol import NetVol, NetVolMixin
 from sandbox.protocol import (FrameBuffer, Hello, KillRequest, Mapped, NetworkRequest,
                               ProbeRequest, Ready, RunReply, RunRequest, encode, recv_message)
-from sandbox.rootfs import Bind, RootfsPlan, prepare_dev_template
+from sandbox.plans import (Bind, ContainerPlan, PayloadPlan, RootfsPlan, StatusMessage, for_init,
+                           read_status)
+from sandbox.rootfs import prepare_dev_template
 from sandbox.spec import Limits, RunResult, RunSpec, Verdict
 from sandbox.verdict import Observation, decide
 
@@ -433,7 +435,7 @@ class Helper(NetVolMixin):
     def _plan(self, slot: "Slot", req: RunRequest) -> ContainerPlan:
         spec, lim = req.spec, req.spec.limits
         rootfs = self._rootfs_plan(slot.run_dir, req, slot.netvol.binds)
-        payload = PayloadPlan(argv=tuple(spec.cmd), env=dict(spec.env), workdir=spec.workdir,
+        payload = PayloadPlan(argv=tuple(spec.cmd), env=tuple(spec.env.items()), workdir=spec.workdir,
                               uid=spec.uid, gid=spec.gid,
                               rlimits=_rlimits(spec, self.cgroup is not None),
                               hostname=spec.hostname, last_cap=self.last_cap,
@@ -477,7 +479,7 @@ class Helper(NetVolMixin):
                 os.close(sync_r)
 
     def _send_plan(self, slot: "Slot", plan: ContainerPlan) -> None:
-        data = msgspec.msgpack.encode(plan)
+        data = for_init(plan)
         try:
             view = memoryview(data)
             while view:
@@ -594,12 +596,7 @@ class Helper(NetVolMixin):
             self._cleanup(run, later=True)
 
     def _result(self, run: ActiveRun, wall: float) -> RunResult:
-        messages = []
-        for line in bytes(run.status).splitlines():
-            try:
-                messages.append(msgspec.json.decode(line, type=StatusMessage))
-            except msgspec.DecodeError:
-                continue
+        messages = read_status(bytes(run.status))
         setup = next((m for m in messages if m.kind == "setup_error"), None)
         exit_msg = next((m for m in messages if m.kind == "exit"), None)
         limits = run.spec.limits

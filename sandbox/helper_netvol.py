@@ -19,7 +19,7 @@ from sandbox import syscalls as sc
 from sandbox.errors import SetupError
 from sandbox.network import (PRIVATE_PREFIXLEN, Egress, JobNetwork, parse_allow, write_hosts)
 from sandbox.protocol import NetAttach, NetworkRequest, OpReply, ProbeRequest
-from sandbox.rootfs import Bind
+from sandbox.plans import Bind
 from sandbox.spec import RunResult, Verdict
 
 TCP_LISTEN = "0A"

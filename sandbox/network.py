@@ -1,8 +1,8 @@
 """A run's network: `none` (loopback only), a job's `private` network, or opt-in `egress`.
 
 Every container gets its own network namespace (CLONE_NEWNET); the kernel creates it with
-only `lo`, down. `bring_up_loopback` sets IFF_UP on it from inside, with the SIOCSIFFLAGS
-ioctl, so programs can talk to themselves on 127.0.0.1. That is all of `none`.
+only `lo`, down. Init sets IFF_UP on it from inside (sandbox.ifconfig, an SIOCSIFFLAGS
+ioctl), so programs can talk to themselves on 127.0.0.1. That is all of `none`.
 
 `private` (several containers of one job talking by name):
 - The helper makes a *job network namespace* (a short-lived child clones itself into a new
@@ -34,7 +34,6 @@ link-local addresses and multicast, whatever the list says.
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import json
 import os
@@ -43,20 +42,12 @@ import selectors
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import time
 
 from sandbox import syscalls as sc
 from sandbox.errors import InvalidSpec, NetworkError
 from sandbox.netlink import NetlinkError, Rtnl
-
-SIOCGIFFLAGS = 0x8913
-SIOCSIFFLAGS = 0x8914
-SIOCSIFADDR = 0x8916
-SIOCSIFNETMASK = 0x891C
-IFF_UP = 0x1
-IFF_RUNNING = 0x40
 
 PRIVATE_PREFIX = "10.88.0."
 PRIVATE_PREFIXLEN = 24
@@ -76,31 +67,6 @@ ALWAYS_DENIED = ("127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "0.0.0.0/8",
 """Egress never reaches these, whatever the allow-list says: 10.0.2.0/24 is slirp4netns's
 own network (10.0.2.2 is its door to the host), 169.254/16 holds cloud metadata services.
 The one exception is slirp's DNS forwarder 10.0.2.3 port 53, when the list names it."""
-
-
-def _ifreq(name: str, payload: bytes = b"") -> bytes:
-    return struct.pack("16s", name.encode()) + payload.ljust(24, b"\0")
-
-
-def _set_flags(sock: socket.socket, name: str, add: int) -> None:
-    request = struct.pack("16sh14x", name.encode(), 0)
-    flags = struct.unpack("16sh14x", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request))[1]
-    fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sh14x", name.encode(), flags | add))
-
-
-def bring_up_loopback() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        _set_flags(sock, "lo", IFF_UP | IFF_RUNNING)
-
-
-def configure_interface(name: str, address: str, prefixlen: int) -> None:
-    """Inside a container, as its init: give `name` an IPv4 address and bring it up."""
-    netmask = ipaddress.IPv4Network(f"0.0.0.0/{prefixlen}").netmask
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for request, addr in ((SIOCSIFADDR, address), (SIOCSIFNETMASK, str(netmask))):
-            sockaddr = struct.pack("=HH4s8x", socket.AF_INET, 0, socket.inet_aton(addr))
-            fcntl.ioctl(sock.fileno(), request, _ifreq(name, sockaddr))
-        _set_flags(sock, name, IFF_UP | IFF_RUNNING)
 
 
 # -- private job networks (helper side) ------------------------------------------------------

@@ -11,7 +11,7 @@ import struct
 
 import msgspec
 
-from sandbox.rootfs import Bind
+from sandbox.plans import Bind
 from sandbox.spec import Rootfs, RunResult, RunSpec
 from sandbox.volumes import VolumeBind
 

@@ -4,14 +4,16 @@ Runs inside the run's fresh user and mount namespaces (as namespace root), befor
 untrusted code exists, so nothing here races with the sandboxed program. Mount targets are
 still created component by component with lstat checks: an image that ships a symlink where a
 mount point should be gets a SETUP_ERROR, never a mount somewhere else.
+
+The plan's type is sandbox.plans.RootfsPlan; init's process reads it as an attribute view
+and imports no msgspec or typing (see sandbox.plans), so neither does this module: its
+`plan` parameters are RootfsPlans or views of one.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-
-import msgspec
 
 from sandbox import syscalls as sc
 from sandbox.errors import SetupError
@@ -29,25 +31,9 @@ READ_ONLY = ("proc/sys",)
 NOSUID_NODEV = sc.MS_NOSUID | sc.MS_NODEV
 
 
-class Bind(msgspec.Struct, frozen=True):
-    """A host directory bound into the container at an absolute path."""
-
-    source: str
-    target: str
-    read_only: bool = False
-
-
-class RootfsPlan(msgspec.Struct, frozen=True):
-    run_dir: str
-    dev_template: str
-    layers: tuple[str, ...]
-    binds: tuple[Bind, ...]
-    tmp_size: int
-    read_only_root: bool
-
-    @property
-    def root(self) -> str:
-        return os.path.join(self.run_dir, "root")
+def root_dir(plan) -> str:
+    """Where a root plan (sandbox.plans.RootfsPlan, or init's view of one) is mounted."""
+    return os.path.join(plan.run_dir, "root")
 
 
 def ensure_dir(root: str, path: str, mode: int = 0o755) -> str:
@@ -113,11 +99,11 @@ def _mask_proc(root: str) -> None:
                      | sc.MS_NOEXEC)
 
 
-def mount_root(plan: RootfsPlan) -> None:
+def mount_root(plan) -> None:
     """Mount everything under plan.root; enter_root then pivots into it (stage: rootfs).
     A spare does both before its request arrives when the helper guesses the request's root
     (nothing of the request is used)."""
-    root = plan.root
+    root = root_dir(plan)
     lower = ":".join(reversed(plan.layers))
     upper, work = os.path.join(plan.run_dir, "upper"), os.path.join(plan.run_dir, "work")
     sc.mount("overlay", root, "overlay", NOSUID_NODEV,
@@ -140,9 +126,9 @@ def mount_root(plan: RootfsPlan) -> None:
     _mask_proc(root)
 
 
-def enter_root(plan: RootfsPlan) -> None:
+def enter_root(plan) -> None:
     """Pivot into the mounted plan.root and detach the old root."""
-    os.chdir(plan.root)
+    os.chdir(root_dir(plan))
     sc.pivot_root(".", ".")
     sc.umount2(".", sc.MNT_DETACH)
     os.chdir("/")

@@ -28,7 +28,7 @@ from sandbox.network import check_members
 from sandbox.protocol import (Hello, KillRequest, Mapped, NetAttach, NetworkInfo,
                               NetworkRequest, OpReply, ProbeRequest, Ready, RunReply, RunRequest,
                               encode, recv_message)
-from sandbox.rootfs import Bind
+from sandbox.plans import Bind
 from sandbox.spec import Rootfs, RunResult, RunSpec, Verdict, check_absolute_path, validate_spec
 from sandbox.volumes import VolumeBind
 
