@@ -82,4 +82,6 @@ def test_up_starts_everything_serves_runs_and_stops_cleanly(tmp_path: Path):
     time.sleep(0.5)
     alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
     assert not alive, f"left running after SIGTERM: {alive}"
-    assert (state / "redis").exists() and any((state / "redis").iterdir())  # persistence on disk
+    # Persistence on disk: the append-only file, and no RDB snapshot (sbx up turns those off).
+    assert any((state / "redis" / "appendonlydir").iterdir())
+    assert not (state / "redis" / "dump.rdb").exists()
