@@ -1,7 +1,8 @@
 """Reading runs back: a job's rq state translated into sbx's run status, and cancelling.
 
 `load` answers GET /v1/runs/{id}; `wait` blocks on the job's rq result stream (XREAD BLOCK, no
-polling) until the worker records an outcome or the timeout passes; `cancel` removes a queued
+polling) until the worker records an outcome or the timeout passes (`load_async` can do both
+in one round trip); `cancel` removes a queued
 job or asks the worker holding a running one to kill its container.
 """
 
@@ -100,14 +101,23 @@ def _load(connection: redis.Redis, run_id: str) -> RunRecord | None:
     return _parse(connection, run_id, raw, latest_raw, cancelled)
 
 
-async def load_async(aconn: redis.asyncio.Redis, connection: redis.Redis, run_id: str) -> RunRecord | None:
-    """`load` for the event loop. `connection` (sync) is only used, in a thread, in the rare
-    case the run's worker has died and the run must be swept."""
+async def load_async(aconn: redis.asyncio.Redis, connection: redis.Redis, run_id: str,
+                     wait: float = 0.0) -> RunRecord | None:
+    """`load` for the event loop, after waiting up to `wait` seconds for the run to finish
+    (as `wait` does; the async client's socket timeout must exceed it). `connection` (sync)
+    is only used, in a thread, in the rare case the run's worker has died and the run must
+    be swept.
+
+    The wait and the reads go in one round trip: Redis runs the commands pipelined behind a
+    blocking XREAD only once it returns (the worker records an outcome in one transaction,
+    so the reads see all of it)."""
     if not _JOB_ID.match(run_id):
         return None
     async with aconn.pipeline(transaction=False) as pipe:
+        if wait > 0:
+            pipe.xread({Result.get_key(run_id): "0-0"}, count=1, block=max(1, int(wait * 1000)))
         _queue_reads(pipe, run_id)
-        raw, latest_raw, cancelled = await pipe.execute()
+        raw, latest_raw, cancelled = (await pipe.execute())[-3:]
     record = _parse(connection, run_id, raw, latest_raw, cancelled)
     if record is not None and record.status == RunStatus.RUNNING and record.worker:
         if not await aconn.exists(worker_key(record.worker)):
@@ -171,13 +181,6 @@ def wait(connection: redis.Redis, run_id: str, timeout: float) -> None:
     if timeout <= 0 or not _JOB_ID.match(run_id):
         return
     connection.xread({Result.get_key(run_id): "0-0"}, count=1, block=max(1, int(timeout * 1000)))
-
-
-async def wait_async(aconn: redis.asyncio.Redis, run_id: str, timeout: float) -> None:
-    """`wait` for the event loop (the async client's socket timeout must exceed `timeout`)."""
-    if timeout <= 0 or not _JOB_ID.match(run_id):
-        return
-    await aconn.xread({Result.get_key(run_id): "0-0"}, count=1, block=max(1, int(timeout * 1000)))
 
 
 def cancel(connection: redis.Redis, run_id: str, ttl: int) -> RunRecord | None:

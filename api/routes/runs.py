@@ -61,9 +61,7 @@ async def create_run(data: JSONBody[RunRequest], tenant: Tenant, state: State) -
     job = to_run_job(data, tenant=tenant, settings=app.settings)
     run_id = await app.queue.submit_run_async(app.aio, job, timeout=job_timeout(job, app.settings))
     seconds = wait_seconds(data.wait, app.settings.max_wait)
-    if seconds > 0:
-        await records.wait_async(app.aio, run_id, seconds)
-    record = await records.load_async(app.aio, app.fast, run_id)
+    record = await records.load_async(app.aio, app.fast, run_id, wait=seconds)
     if record is None:  # expired between submit and load: only with absurdly short TTLs
         raise NotFound(f"run {run_id!r} vanished", field="id")
     return _answer(record, data.output_encoding, waited=seconds > 0)
@@ -83,8 +81,7 @@ async def get_run(
     record = _mine(await records.load_async(app.aio, app.fast, run_id), run_id, tenant)
     seconds = wait_seconds(wait, app.settings.max_wait)
     if record.status not in TERMINAL and seconds > 0:
-        await records.wait_async(app.aio, run_id, seconds)
-        record = _mine(await records.load_async(app.aio, app.fast, run_id), run_id, tenant)
+        record = _mine(await records.load_async(app.aio, app.fast, run_id, wait=seconds), run_id, tenant)
     return _answer(record, output_encoding, waited=False, accepted=200)
 
 

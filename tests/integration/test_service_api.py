@@ -6,11 +6,14 @@ import base64
 import time
 
 import redis
+from litestar.testing import TestClient
 
+from api.app import create_app
 from tests.integration.test_service_support import (  # noqa: F401  (fixtures)
     ALICE,
     BOB,
     client,
+    make_settings,
     worker,
     worker_factory,
 )
@@ -66,6 +69,23 @@ def test_without_wait_202_then_get_finds_the_result(client, worker):
     assert got.status_code == 200
     assert got.json()["status"] == "done"
     assert got.json()["result"]["stdout"] == "later\n"
+
+
+def test_a_wait_that_runs_out_answers_202_and_a_later_wait_gets_the_result(redis_url, worker):
+    with TestClient(create_app(make_settings(redis_url, max_wait=0.5))) as short:
+        started = time.monotonic()
+        r = run(short, {"image": "busybox", "cmd": ["sh", "-c", "sleep 2; echo slow"], "wait": True})
+        waited = time.monotonic() - started
+        assert r.status_code == 202 and r.json()["status"] in ("queued", "running"), r.text
+        assert 0.4 < waited < 1.9  # the server's bound, not the run, ended the wait
+        run_id = r.json()["id"]
+        got = short.get(f"/v1/runs/{run_id}", params={"wait": 0.2}, headers=ALICE)
+        assert got.status_code == 200 and got.json()["status"] in ("queued", "running"), got.text
+        deadline = time.monotonic() + 20
+        while (got := short.get(f"/v1/runs/{run_id}", params={"wait": 10}, headers=ALICE)
+               ).json()["status"] != "done":
+            assert time.monotonic() < deadline, got.text
+    assert got.status_code == 200 and got.json()["result"]["stdout"] == "slow\n"
 
 
 def test_nonzero_exit_and_binary_output_base64(client, worker):
