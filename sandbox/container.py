@@ -41,11 +41,16 @@ RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU, signal.SIGINT, 
 """Python ignores or handles these; the payload must start with the default dispositions."""
 
 
+def _json_text(text: str) -> str:
+    # A lone surrogate (a path that was not UTF-8) would make the line invalid JSON.
+    return _json_string(text.encode("utf-8", "backslashreplace").decode("utf-8"))
+
+
 def _report(fd: int, kind: str, **fields) -> None:
     """Write one sandbox.plans.StatusMessage line (JSON) on the status pipe."""
-    parts = [f'"kind":{_json_string(kind)}']
+    parts = [f'"kind":{_json_text(kind)}']
     for name, value in fields.items():
-        parts.append(f'"{name}":{_json_string(value) if isinstance(value, str) else repr(value)}')
+        parts.append(f'"{name}":{_json_text(value) if isinstance(value, str) else repr(value)}')
     try:
         os.write(fd, ("{" + ",".join(parts) + "}\n").encode())
     except OSError:

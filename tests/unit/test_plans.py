@@ -54,9 +54,11 @@ def test_views_of_roots_compare_by_value():
     assert plan_view(for_init(None)) is None
 
 
-@pytest.mark.parametrize("message", ["plain", 'quote " and \\ backslash', "new\nline\ttab\0nul",
-                                     "naïve ✓ 日本"])
-def test_init_status_lines_decode_in_the_helper(message):
+@pytest.mark.parametrize("message,decoded", [
+    ("plain", "plain"), ('quote " and \\ backslash', 'quote " and \\ backslash'),
+    ("new\nline\ttab\0nul", "new\nline\ttab\0nul"), ("naïve ✓ 日本", "naïve ✓ 日本"),
+    ("not utf-8 \udcff", "not utf-8 \\udcff")])
+def test_init_status_lines_decode_in_the_helper(message, decoded):
     r, w = os.pipe()
     try:
         _report(w, "setup_error", stage="rootfs", message=message)
@@ -66,7 +68,7 @@ def test_init_status_lines_decode_in_the_helper(message):
     finally:
         os.close(r)
     assert read_status(data) == [
-        StatusMessage("setup_error", stage="rootfs", message=message),
+        StatusMessage("setup_error", stage="rootfs", message=decoded),
         StatusMessage("exit", wait_status=9, cpu_time=0.125, max_rss=1 << 20)]
 
 
