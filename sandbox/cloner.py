@@ -91,7 +91,8 @@ class Cloner:
         try:
             pid, error = marshal.loads(data)
         except (ValueError, TypeError, EOFError) as exc:
-            raise SetupError(f"clone: unreadable reply from the cloner: {exc}", stage="clone") from exc
+            raise SetupError(f"clone: unreadable reply from the cloner: {exc}",
+                             stage="clone") from exc
         if error or not isinstance(pid, int) or pid <= 0:
             raise SetupError(f"clone: {error or 'no pid'}", stage="clone")
         return pid

@@ -435,8 +435,8 @@ class Helper(NetVolMixin):
     def _plan(self, slot: "Slot", req: RunRequest) -> ContainerPlan:
         spec, lim = req.spec, req.spec.limits
         rootfs = self._rootfs_plan(slot.run_dir, req, slot.netvol.binds)
-        payload = PayloadPlan(argv=tuple(spec.cmd), env=tuple(spec.env.items()), workdir=spec.workdir,
-                              uid=spec.uid, gid=spec.gid,
+        payload = PayloadPlan(argv=tuple(spec.cmd), env=tuple(spec.env.items()),
+                              workdir=spec.workdir, uid=spec.uid, gid=spec.gid,
                               rlimits=_rlimits(spec, self.cgroup is not None),
                               hostname=spec.hostname, last_cap=self.last_cap,
                               address_space_limit=0 if self.cgroup else lim.memory,

@@ -81,7 +81,8 @@ async def get_run(
     record = _mine(await records.load_async(app.aio, app.fast, run_id), run_id, tenant)
     seconds = wait_seconds(wait, app.settings.max_wait)
     if record.status not in TERMINAL and seconds > 0:
-        record = _mine(await records.load_async(app.aio, app.fast, run_id, wait=seconds), run_id, tenant)
+        record = _mine(await records.load_async(app.aio, app.fast, run_id, wait=seconds),
+                       run_id, tenant)
     return _answer(record, output_encoding, waited=False, accepted=200)
 
 

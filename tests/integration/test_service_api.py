@@ -74,7 +74,8 @@ def test_without_wait_202_then_get_finds_the_result(client, worker):
 def test_a_wait_that_runs_out_answers_202_and_a_later_wait_gets_the_result(redis_url, worker):
     with TestClient(create_app(make_settings(redis_url, max_wait=0.5))) as short:
         started = time.monotonic()
-        r = run(short, {"image": "busybox", "cmd": ["sh", "-c", "sleep 2; echo slow"], "wait": True})
+        r = run(short, {"image": "busybox", "cmd": ["sh", "-c", "sleep 2; echo slow"],
+                        "wait": True})
         waited = time.monotonic() - started
         assert r.status_code == 202 and r.json()["status"] in ("queued", "running"), r.text
         assert 0.4 < waited < 1.9  # the server's bound, not the run, ended the wait
