@@ -37,6 +37,8 @@ REGISTRY_ADDR = ("127.0.0.1", 5000)
 API_ADDR = ("127.0.0.1", 8000)
 SELF_TEST_IMAGE = "busybox"
 """Published first and waited for: every worker's self-test runs in it."""
+REDIS_LOAD_TIMEOUT = 300.0
+"""Seconds Redis may take to replay its append-only file before `sbx up` gives up."""
 
 
 def _say(msg: str) -> None:
@@ -142,6 +144,19 @@ def start_redis(stack: Stack, port: int) -> str:
         "--unixsocket", str(sock), "--unixsocketperm", "700",
     ])
     _wait(lambda: _port_open("127.0.0.1", port), "redis-server", 20, proc)
+    # The port opens before Redis has replayed its append-only file; nothing else starts
+    # until it answers.
+    import redis
+
+    from workers.queues import is_ready
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+    try:
+        if not is_ready(client):
+            _say("waiting for Redis to load its data")
+        _wait(lambda: is_ready(client), "redis-server (loading its data)", REDIS_LOAD_TIMEOUT, proc)
+    finally:
+        client.close()
     # Processes on this machine use the socket (cheaper than loopback TCP per round trip);
     # workers on other machines use the TCP port.
     if os.environ.get("SBX_REDIS_UNIX", "1") != "0" and len(str(sock)) < 100:

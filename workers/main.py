@@ -30,6 +30,8 @@ log = logging.getLogger("sbx.worker")
 
 RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 """Seconds the supervisor waits before restarting a worker that died, by consecutive deaths."""
+REDIS_WAIT = 300.0
+"""Seconds a starting worker waits for Redis to answer (it may be replaying its data)."""
 
 
 def drop_privileges(user: str) -> None:
@@ -75,7 +77,8 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> int:
     from workers import tasks
     from workers.images import ImageResolver
     from workers.liveness import Beacon
-    from workers.queues import LOCAL_IMAGES, QUEUE_NAME, VOLUME_QUEUE, connect
+    from workers.queues import (LOCAL_IMAGES, QUEUE_NAME, VOLUME_QUEUE, connect, is_ready,
+                                wait_until_ready)
     from workers.worker import WORKER_TTL, SbxWorker
     from workers.protocol import encode
 
@@ -91,6 +94,9 @@ def run_one(settings: WorkerSettings, *, burst: bool = False) -> int:
         health = runtime.health() if hasattr(runtime, "health") else {}
         connection = connect(settings.redis_url, block_seconds=WORKER_TTL)
         beacon_conn = connect(settings.redis_url, block_seconds=settings.heartbeat_interval + 1)
+        if not is_ready(connection):
+            log.warning("worker %s: waiting for Redis (down, or loading its data)", name)
+            wait_until_ready(connection, timeout=REDIS_WAIT)
         context = tasks.WorkerContext(
             name=name,
             connection=connection,

@@ -9,6 +9,7 @@ on the format by construction.
 from __future__ import annotations
 
 import ipaddress
+import time
 import uuid
 from typing import Literal
 from urllib.parse import urlsplit
@@ -101,6 +102,29 @@ def connect(url: str, *, block_seconds: float = 0.0) -> redis.Redis:
         health_check_interval=15,
         retry_on_timeout=False,
     )
+
+
+def is_ready(connection: redis.Redis) -> bool:
+    """Whether Redis answers PING: False while it is down or still loading its dataset."""
+    try:
+        return bool(connection.ping())
+    except redis.exceptions.ConnectionError:  # BusyLoadingError ("LOADING") is one
+        return False
+
+
+def wait_until_ready(connection: redis.Redis, *, timeout: float) -> None:
+    """Block until Redis answers PING, at most `timeout` seconds (then Unavailable).
+
+    After a restart Redis replays its append-only file before it serves anything; with a
+    result TTL's worth of runs that took ~7 s here, and a worker that started meanwhile died
+    on LOADING and was restarted every second."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while not is_ready(connection):
+        if time.monotonic() >= deadline:
+            raise Unavailable(f"Redis did not answer within {timeout:g}s", retry_after=5)
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 class _HiredisPacking:

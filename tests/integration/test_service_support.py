@@ -44,9 +44,11 @@ def live_workers(url: str) -> list[str]:
 class WorkerProcess:
     """One `workers.main --single` process with its own state directory."""
 
-    def __init__(self, url: str, rootfs: Path, state_dir: Path, **env: str) -> None:
+    def __init__(self, url: str, rootfs: Path, state_dir: Path, *,
+                 known: set[str] | None = None, **env: str) -> None:
+        """`known`: the workers already registered, when Redis cannot be asked yet."""
         self.url = url
-        before = set(live_workers(url))
+        before = set(live_workers(url)) if known is None else known
         environ = {
             **os.environ,
             "PYTHONPATH": str(REPO),
@@ -133,8 +135,9 @@ def client(redis_url: str) -> Iterator[TestClient]:
 class PrivateRedis:
     """A redis-server the test may stop and start again on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra_args: str) -> None:
         self.workdir = workdir
+        self.extra_args = extra_args
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.server: ServerProcess | None = None
@@ -143,7 +146,7 @@ class PrivateRedis:
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.server = ServerProcess(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+             "--dir", str(self.workdir), *self.extra_args],
             log_path=self.workdir / f"redis-{time.monotonic_ns()}.log",
         )
 
