@@ -106,13 +106,14 @@ class Stack:
         return proc
 
     def stop(self) -> None:
+        """Stop the children one by one, last started first: workers finish their job and
+        unregister while Redis is still there to hear it."""
         for name, proc in reversed(self.procs):
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM) if name in self.oneshot else proc.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        for name, proc in reversed(self.procs):
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -12,7 +12,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.fixtures.ports import free_port
+import redis
+
+from tests.fixtures.ports import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,6 +34,28 @@ def _descendants(root: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def _get_run(api: str, key: str, run_id: str) -> dict:
+    request = urllib.request.Request(f"{api}/v1/runs/{run_id}",
+                                     headers={"Authorization": f"Bearer {key}"})
+    return json.loads(urllib.request.urlopen(request, timeout=10).read())
+
+
+def _status_on_disk(redis_dir: Path, run_id: str) -> bytes | None:
+    """The rq status of a run as Redis reloads it from sbx up's append-only file."""
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                               "--dir", str(redis_dir), "--appendonly", "yes", "--save", ""],
+                              stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_timeout=5)
+    try:
+        wait_until(lambda: client.ping(), timeout=30, what="redis-server on the saved data")
+        return client.hget(f"rq:job:{run_id}", "status")
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_up_starts_everything_serves_runs_and_stops_cleanly(tmp_path: Path):
@@ -74,6 +98,17 @@ def test_up_starts_everything_serves_runs_and_stops_cleanly(tmp_path: Path):
         assert submit.returncode == 0 and submit.stdout == "cli\n", submit.stderr
         children = _descendants(proc.pid)
         assert len(children) >= 4  # redis, registry, api, worker supervisor (+ worker, helper)
+        # A run still going when sbx up is told to stop: the worker finishes and records it
+        # before Redis goes (it is there after a restart).
+        request = urllib.request.Request(
+            f"{api}/v1/runs", method="POST",
+            data=json.dumps({"image": "busybox", "cmd": ["sh", "-c", "sleep 1.5; echo late"]}).encode(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        late = json.loads(urllib.request.urlopen(request, timeout=60).read())["id"]
+        deadline = time.monotonic() + 30
+        while _get_run(api, key, late)["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
@@ -82,6 +117,10 @@ def test_up_starts_everything_serves_runs_and_stops_cleanly(tmp_path: Path):
     time.sleep(0.5)
     alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
     assert not alive, f"left running after SIGTERM: {alive}"
+    # Workers stopped before Redis: they unregistered cleanly, and the late run was recorded.
+    workers_log = (state / "logs" / "workers.log").read_text()
+    assert "could not unregister" not in workers_log and "redis error" not in workers_log, workers_log
+    assert _status_on_disk(state / "redis", late) == b"finished"
     # Persistence on disk: the append-only file, and no RDB snapshot (sbx up turns those off).
     assert any((state / "redis" / "appendonlydir").iterdir())
     assert not (state / "redis" / "dump.rdb").exists()
