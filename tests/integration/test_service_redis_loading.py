@@ -15,8 +15,9 @@ from tests.integration.test_service_support import PrivateRedis, WorkerProcess, 
 from workers.queues import is_ready, wait_until_ready
 
 KEYS = 40_000
-LOAD_DELAY_US = 100
-"""Redis's own test knob: microseconds of delay per key loaded, so loading lasts ~4 s."""
+LOAD_DELAY_US = 150
+"""Redis's own test knob: microseconds of delay per key loaded, so loading lasts ~6 s: well
+over a worker's start-up (runtime and self-test, 1-2 s) before it first asks Redis."""
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import redis
 
-from tests.fixtures.ports import free_port, wait_until
+from tests.fixtures.ports import free_port
+from tests.integration.test_service_support import PrivateRedis
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,18 +45,14 @@ def _get_run(api: str, key: str, run_id: str) -> dict:
 
 def _status_on_disk(redis_dir: Path, run_id: str) -> bytes | None:
     """The rq status of a run as Redis reloads it from sbx up's append-only file."""
-    port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                               "--dir", str(redis_dir), "--appendonly", "yes", "--save", ""],
-                              stdout=subprocess.DEVNULL)
-    client = redis.Redis(port=port, socket_timeout=5)
+    server = PrivateRedis(redis_dir, "--appendonly", "yes")  # the last --appendonly wins
+    server.start()
+    client = redis.Redis.from_url(server.url, socket_timeout=5)
     try:
-        wait_until(lambda: client.ping(), timeout=30, what="redis-server on the saved data")
         return client.hget(f"rq:job:{run_id}", "status")
     finally:
         client.close()
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
 
 def test_up_starts_everything_serves_runs_and_stops_cleanly(tmp_path: Path):
