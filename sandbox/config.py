@@ -30,6 +30,10 @@ class RuntimeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     warm_spares: Annotated[int, Meta(ge=0, le=8)] = 1
     """Containers kept cloned ahead (id-mapped, loopback up, in their cgroup) for the next
     runs; 0 clones every run on demand. A second spare measured no faster for one caller."""
+    netns_pool: Annotated[int, Meta(ge=0, le=16)] = 4
+    """Loopback-only network namespaces each helper keeps to reuse for runs with network
+    "none", one run at a time, and only while no run has left a socket or sent a packet in
+    them (sandbox.netns_pool); 0 makes a fresh one for every run."""
     registry: str = "127.0.0.1:5000"
     """Default registry for image references without a host."""
     insecure_registries: tuple[str, ...] = ("127.0.0.1:5000", "localhost:5000")

@@ -1,12 +1,13 @@
 """Code that runs inside a new container: its init (pid 1) and the payload's last steps.
 
-The helper's cloner (sandbox.cloner) clones a child into fresh user, mount, pid, ipc, uts and
-net namespaces; that child runs `init_main`. Start order (after runc's init; each step names
-its stage on failure):
-  wait for the id maps -> network (loopback up) -> rootfs (overlay, /proc, /dev, tmpfs, binds,
-  pivot_root) -> hostname -> stdio -> rlimits -> cgroup join -> cgroup namespace -> drop the
-  capability bounding set -> uid/gid -> not dumpable -> workdir -> close every fd but 0-2 ->
-  no_new_privs -> seccomp -> spawn the payload (setsid, default signals) -> execve.
+The helper's cloner (sandbox.cloner) clones a child into fresh user, mount, pid, ipc and uts
+namespaces and a fresh or pooled (sandbox.netns_pool) network namespace; that child runs
+`init_main`. Start order (after runc's init; each step names its stage on failure):
+  wait for the id maps -> network (loopback up; a pooled one has it up) -> rootfs (overlay,
+  /proc, /dev, tmpfs, binds, pivot_root) -> hostname -> stdio -> rlimits -> cgroup join ->
+  cgroup namespace -> drop the capability bounding set -> uid/gid -> not dumpable -> workdir
+  -> close every fd but 0-2 -> no_new_privs -> seccomp -> spawn the payload (setsid, default
+  signals) -> execve.
 A spare (cloned before its request) joins its cgroup right after the loopback, and mounts and
 enters its root too when the helper guessed the request's root, then waits for its plan.
 Init drops its own privileges and loads the filter itself, then starts the payload with
@@ -214,7 +215,7 @@ def _read_plan(fd: int):
 
 
 def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
-              plan=None, guess=None) -> None:
+              plan=None, guess=None, own_netns: bool = True) -> None:
     """Body of the cloned child. Never returns.
 
     `plan` and `guess` are views (plan_view) of a sandbox.plans.ContainerPlan and RootfsPlan.
@@ -222,7 +223,8 @@ def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
     request-independent steps (id maps, loopback) ahead of time and then waits on `fds.plan`.
     A spare given a `guess` (the helper's bet on the next request's root) also mounts that
     root and pivots into it while it waits; the helper only sends it a plan whose root is the
-    guess.
+    guess. Without `own_netns` it was cloned into a pooled network namespace
+    (sandbox.netns_pool) whose loopback is up already and that it may not configure.
     """
     stage = "init"
     try:
@@ -233,8 +235,9 @@ def init_main(fds: InitFds, programs: dict[str, sc.SeccompProgram | None],
         if os.read(fds.sync, 1) != b"1":
             os._exit(SETUP_FAILED_EXIT)
         os.close(fds.sync)
-        stage = "network"
-        bring_up_loopback()
+        if own_netns:
+            stage = "network"
+            bring_up_loopback()
         cgroup_fds = fds.cgroup
         entered = None
         if plan is None:

@@ -64,6 +64,7 @@ class Slot:
         self.limits = limits
         self.pid = 0
         self.pidfd = -1
+        self.netns_loan: tuple[int, int] | None = None  # a pooled network namespace (cloner)
         self.cgroup: cgroups.RunCgroup | None = None
         self.cgroup_fds: tuple[int, ...] = ()
         self.netvol = NetVol()  # networks and volumes (sandbox.helper_netvol)
@@ -120,6 +121,7 @@ class ActiveRun:
         self.exited = False  # init reaped
         self.replied = False
         self.netvol = NetVol()
+        self.netns_loan: tuple[int, int] | None = None
 
     def kill(self, reason: str) -> None:
         if self.killed_for is None:
@@ -176,7 +178,8 @@ class Helper(NetVolMixin):
         self.by_fd: dict[int, ActiveRun] = {}
         self.frames = FrameBuffer()
         self.cloner = Cloner({name: os.environ.get(name, "")
-                              for name in ("PATH", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")})
+                              for name in ("PATH", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")},
+                             keep_netns=settings.netns_pool)
         self.cloner.start()  # its interpreter starts while the profiles compile
         self.programs = seccomp.compile_all()
         self.cloner.set_programs(self.programs)
@@ -321,7 +324,7 @@ class Helper(NetVolMixin):
             if slot is None:
                 slot = self._new_slot(req.spec.limits)
                 self._configure(slot, req)
-                self._clone(slot, self._plan(slot, req))
+                self._clone(slot, self._plan(slot, req), own_netns=req.spec.network != "none")
         except Exception as exc:  # noqa: BLE001 - reported as SETUP_ERROR of this run
             stage = getattr(exc, "stage", "prepare")
             if slot is not None:
@@ -374,7 +377,7 @@ class Helper(NetVolMixin):
         try:
             slot = self._new_slot(DEFAULT_LIMITS)
             self._guess(slot)
-            self._clone(slot, None)
+            self._clone(slot, None, own_netns=False)  # it serves only network "none"
         except Exception:  # noqa: BLE001 - no spare: runs clone on demand for a while
             self.spare_retry_at = time.monotonic() + SPARE_RETRY_DELAY
             return
@@ -451,13 +454,14 @@ class Helper(NetVolMixin):
             tmp_size=spec.limits.disk if spec.read_only_root else 0,  # only sizes a tmpfs /tmp
             read_only_root=spec.read_only_root)
 
-    def _clone(self, slot: "Slot", plan: ContainerPlan | None) -> None:
-        """Clone the container into `slot`: with its plan, or as a spare waiting for one."""
+    def _clone(self, slot: "Slot", plan: ContainerPlan | None, own_netns: bool) -> None:
+        """Clone the container into `slot`: with its plan, or as a spare waiting for one;
+        in a fresh network namespace or (not own_netns) a pooled one."""
         sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
         fds = InitFds(sync=sync_r, status=slot.status_w, stdout=slot.out_w, stderr=slot.err_w,
                       cgroup=slot.cgroup_fds, plan=slot.plan_r if plan is None else -1)
         try:
-            pid = self.cloner.clone(fds, plan, slot.guess)
+            pid, slot.netns_loan = self.cloner.clone(fds, plan, slot.guess, own_netns)
             slot.pid = pid
             slot.pidfd = sc.pidfd_open(pid)
             slot.close_child_ends()
@@ -493,6 +497,7 @@ class Helper(NetVolMixin):
     def _activate(self, slot: "Slot", req: RunRequest) -> None:
         run = ActiveRun(req.key, req.spec, slot.run_dir, req.diff_tar)
         run.pid, run.pidfd, run.cgroup = slot.pid, slot.pidfd, slot.cgroup
+        run.netns_loan = slot.netns_loan
         run.netvol = slot.netvol
         now = time.monotonic()
         run.started = now
@@ -645,14 +650,22 @@ class Helper(NetVolMixin):
             os.close(run.pidfd)
             run.pidfd = -1
         self._netvol_release(run)  # at once: the job's next request may remove the network
+        self._give_back_netns(run)  # at once: the next run may use it
         if later and len(self.retired) < MAX_RETIRED:
             self.retired.append(run)
         else:
             self._release(run)
 
+    def _give_back_netns(self, holder: "ActiveRun | Slot") -> None:
+        """Only for a reaped container: its pooled namespace may be the next one's."""
+        self.cloner.give_back_netns(holder.netns_loan)
+        holder.netns_loan = None
+
     def _release(self, holder: "ActiveRun | Slot") -> None:
-        """Give back what a run or an unused slot held: network, cgroup, tmpfs."""
+        """Give back what a run or an unused slot (its container reaped) held: network,
+        cgroup, tmpfs."""
         self._netvol_release(holder)  # stop slirp4netns, leave the job network
+        self._give_back_netns(holder)
         if holder.cgroup:
             try:
                 holder.cgroup.driver.release(holder.cgroup)

@@ -19,7 +19,7 @@ _syscall.restype = ctypes.c_long
 # Looked up now, once: CDLL resolves a name (dlsym, a new function object) on first use, and
 # every container's init is a fresh clone that would otherwise pay that for each call.
 _unshare, _mount, _umount2 = _libc.unshare, _libc.mount, _libc.umount2
-_sethostname, _prctl = _libc.sethostname, _libc.prctl
+_sethostname, _prctl, _setns = _libc.sethostname, _libc.prctl, _libc.setns
 
 # x86_64 syscall numbers.
 SYS_clone = 56
@@ -92,6 +92,11 @@ def clone(flags: int) -> int:
 
 def unshare(flags: int) -> None:
     _check(_unshare(ctypes.c_int(flags)))
+
+
+def setns(fd: int, nstype: int) -> None:
+    """Move this (single-threaded) process into the namespace `fd` refers to."""
+    _check(_setns(ctypes.c_int(fd), ctypes.c_int(nstype)))
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
