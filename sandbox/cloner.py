@@ -25,7 +25,8 @@ from sandbox.container import InitFds
 from sandbox.errors import SetupError
 from sandbox.plans import ContainerPlan, RootfsPlan, for_init
 
-MAX_MESSAGE = 1 << 20
+MAX_REPLY = 1 << 16
+"""A reply is (pid, loan, error text of at most MAX_ERROR characters)."""
 SANDBOX_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(sandbox.__file__)))
 """The directory that holds the sandbox package: the cloner runs without site (-S), so
 without the venv's paths."""
@@ -91,7 +92,7 @@ class Cloner:
             assert self.sock is not None
             try:
                 socket.send_fds(self.sock, [order], passed)
-                data = self.sock.recv(MAX_MESSAGE)
+                data = self.sock.recv(MAX_REPLY)
                 if data:
                     break
             except OSError:

@@ -53,13 +53,21 @@ def test_v2_detect_enter_create_stats_remove(tmp_path, monkeypatch):
     assert (path / "memory.swap.max").read_text() == "0"
     assert (path / "pids.max").read_text() == "33"
     assert cg.procs_files == [str(path / "cgroup.procs")]
+    fds_before = len(os.listdir("/proc/self/fd"))
     stats = cg.stats()
     assert stats == cgroups.CgroupStats(memory_peak=7340032, oom_kills=1, pids_limit_hits=4,
                                         cpu_time=1.5)
+    # The files read stay open, and every read sees what the file says now.
+    assert len(os.listdir("/proc/self/fd")) > fds_before
+    (path / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n")
+    (path / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 2000000\n")
+    assert cg.stats() == cgroups.CgroupStats(memory_peak=7340032, oom_kills=2,
+                                             pids_limit_hits=4, cpu_time=2.5)
     for f in path.iterdir():  # a real cgroup's files vanish with rmdir
         f.unlink()
     cg.remove()
     assert not path.exists()
+    assert len(os.listdir("/proc/self/fd")) == fds_before  # removing closed them
 
 
 def make_v1(root: Path, controllers=("memory", "pids", "cpu,cpuacct")) -> Path:
