@@ -25,6 +25,7 @@ from sandbox.errors import InvalidSpec
 from sandbox.jobs import Service, run_job
 from sandbox.runner import Runtime
 from sandbox.spec import Limits, RunSpec, Verdict
+from tests.fixtures.containers import helper_fds
 from tests.fixtures.ports import wait_until
 
 pytestmark = pytest.mark.rootless
@@ -176,15 +177,12 @@ def test_egress_processes_go_away_with_the_run(egress_runtime, python):
                 continue
         return out
 
-    def helper_fds() -> list[str]:
-        return sorted(os.listdir(f"/proc/{helper}/fd"))
-
-    fds = helper_fds()
+    fds = helper_fds(helper)
     for _ in range(5):
         assert probe(rt, python, [["192.0.2.10", 8080]])["192.0.2.10:8080"] == "T-allowed"
     wait_until(lambda: not slirps(), timeout=5, what="slirp4netns to exit")
     # The helper answers before it tears a run down, so its fds come back shortly after.
-    wait_until(lambda: helper_fds() == fds, timeout=5, what=f"helper fds back to {fds}")
+    wait_until(lambda: helper_fds(helper) == fds, timeout=5, what=f"helper fds back to {fds}")
 
 
 def test_ruleset_puts_the_never_list_before_the_allow_list():

@@ -19,7 +19,7 @@ from sandbox.jobs import Service, run_job
 from sandbox.protocol import NetAttach
 from sandbox.runner import Runtime
 from sandbox.spec import FileIn, Limits, RunSpec, Verdict
-from tests.fixtures.containers import children, helper_containers, user_ns
+from tests.fixtures.containers import children, helper_containers, helper_fds, user_ns
 from tests.fixtures.ports import wait_until
 
 pytestmark = pytest.mark.rootless
@@ -201,10 +201,6 @@ def _netns_refs(pids) -> set[str]:
     return refs
 
 
-def _fds(pid: int) -> list[str]:
-    return sorted(os.listdir(f"/proc/{pid}/fd"))
-
-
 def _set_netns_limit(helper_pid: int, value: int) -> None:
     """Write max_net_namespaces of the helper's user namespace (we own it, so we may)."""
     subprocess.run(["nsenter", f"--user=/proc/{helper_pid}/ns/user", "--", "sh", "-c",
@@ -220,7 +216,7 @@ def test_hundred_jobs_leave_no_namespace_interface_or_process(tmp_path, busybox)
                       spec=sh("while true; do echo pong | nc -l -p 9100; done",
                               limits=Limits(wall_time=60)))
         run_job(rt, sh("nc svc 9100 </dev/null", network="private"), busybox, services=[svc])
-        fds_before, refs_before = _fds(helper), _netns_refs(_tree(helper))
+        fds_before, refs_before = helper_fds(helper), _netns_refs(_tree(helper))
         inodes, setup = [], []
         for _ in range(100):
             net = rt.create_network(["svc", "main"])
@@ -233,7 +229,7 @@ def test_hundred_jobs_leave_no_namespace_interface_or_process(tmp_path, busybox)
         wait_until(lambda: not helper_containers(helper), timeout=10,
                    what="helper children to exit")
         # The helper answers before it tears a run down: its fds come back shortly after.
-        wait_until(lambda: _fds(helper) == fds_before, timeout=10, what="helper fds back")
+        wait_until(lambda: helper_fds(helper) == fds_before, timeout=10, what="helper fds back")
         assert _netns_refs(_tree(helper)) <= refs_before
         assert not set(inodes) & _netns_refs(_tree(helper))
         # The kernel's own count: allow exactly the namespaces one job needs (its network,
@@ -296,8 +292,8 @@ def test_killed_worker_takes_its_networks_with_it(tmp_path, busybox_rootfs):
         helper, job_netns = info["helper"], f"net:[{info['netns']}]"
         containers = set(helper_containers(helper))
         assert len(containers) == 2  # the two containers, both up and listening
-        helper_fds = [os.readlink(f"/proc/{helper}/fd/{fd}") for fd in _fds(helper)]
-        assert sum(t.startswith("socket:") for t in helper_fds) >= 2  # runtime + job netlink
+        targets = [os.readlink(f"/proc/{helper}/fd/{fd}") for fd in helper_fds(helper)]
+        assert sum(t.startswith("socket:") for t in targets) >= 2  # runtime + job netlink
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
