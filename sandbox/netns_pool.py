@@ -18,7 +18,8 @@ Why that is as good as a fresh one:
   there is no connection state, cache or counter a later run could see. Otherwise it is
   dropped and the kernel tears it down as before: a run that uses loopback pays for a fresh
   namespace; one that does not (a judge's compile or test run) does not.
-What later runs of the same helper do share is the namespace's identity (its inode number).
+What later runs of the same helper do share is the namespace's identity (its inode number
+and SO_NETNS_COOKIE).
 
 This runs in the cloner (sandbox.cloner_process), so it imports only what init may.
 The cloner leaves the host's network namespace the first time it makes one and never goes
