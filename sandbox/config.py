@@ -33,7 +33,7 @@ class RuntimeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     netns_pool: Annotated[int, Meta(ge=0, le=16)] = 4
     """Loopback-only network namespaces each helper keeps to reuse for runs with network
     "none", one run at a time, and only while no run has left a socket or sent a packet in
-    them (sandbox.netns_pool); 0 makes a fresh one for every run."""
+    them (sandbox.netns_pool); 0 makes a fresh one for every run. SBX_NETNS_POOL."""
     registry: str = "127.0.0.1:5000"
     """Default registry for image references without a host."""
     insecure_registries: tuple[str, ...] = ("127.0.0.1:5000", "localhost:5000")
@@ -97,6 +97,8 @@ class RuntimeSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             values["max_volume_size"] = int(env["SBX_MAX_VOLUME_SIZE"])
         if "SBX_EGRESS" in env:
             values["egress"] = env["SBX_EGRESS"].lower() in ("1", "true", "yes")
+        if "SBX_NETNS_POOL" in env:
+            values["netns_pool"] = int(env["SBX_NETNS_POOL"])
         if "SBX_EGRESS_ALLOW" in env:
             values["egress_allow"] = tuple(r for r in env["SBX_EGRESS_ALLOW"].split(",") if r)
         values.update(overrides)
