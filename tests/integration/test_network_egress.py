@@ -25,7 +25,7 @@ from sandbox.errors import InvalidSpec
 from sandbox.jobs import Service, run_job
 from sandbox.runner import Runtime
 from sandbox.spec import Limits, RunSpec, Verdict
-from tests.fixtures.containers import helper_fds
+from tests.fixtures.containers import helper_fds, settled_helper_fds
 from tests.fixtures.ports import wait_until
 
 pytestmark = pytest.mark.rootless
@@ -177,7 +177,7 @@ def test_egress_processes_go_away_with_the_run(egress_runtime, python):
                 continue
         return out
 
-    fds = helper_fds(helper)
+    fds = settled_helper_fds(helper)
     for _ in range(5):
         assert probe(rt, python, [["192.0.2.10", 8080]])["192.0.2.10:8080"] == "T-allowed"
     wait_until(lambda: not slirps(), timeout=5, what="slirp4netns to exit")

@@ -19,7 +19,8 @@ from sandbox.jobs import Service, run_job
 from sandbox.protocol import NetAttach
 from sandbox.runner import Runtime
 from sandbox.spec import FileIn, Limits, RunSpec, Verdict
-from tests.fixtures.containers import children, helper_containers, helper_fds, user_ns
+from tests.fixtures.containers import (children, helper_containers, helper_fds,
+                                       settled_helper_fds, user_ns)
 from tests.fixtures.ports import wait_until
 
 pytestmark = pytest.mark.rootless
@@ -216,7 +217,7 @@ def test_hundred_jobs_leave_no_namespace_interface_or_process(tmp_path, busybox)
                       spec=sh("while true; do echo pong | nc -l -p 9100; done",
                               limits=Limits(wall_time=60)))
         run_job(rt, sh("nc svc 9100 </dev/null", network="private"), busybox, services=[svc])
-        fds_before, refs_before = helper_fds(helper), _netns_refs(_tree(helper))
+        fds_before, refs_before = settled_helper_fds(helper), _netns_refs(_tree(helper))
         inodes, setup = [], []
         for _ in range(100):
             net = rt.create_network(["svc", "main"])
