@@ -123,14 +123,15 @@ class RunCgroup:
         self.dirs = dirs
         self.procs_files = sorted({os.path.join(d, "cgroup.procs") for d in dirs.values()})
         self.baseline = CgroupStats(cpu_time=0.0)
-        self.fds: dict[tuple[str, str], int] = {}  # (controller, file) -> fd open to read
+        self.fds: dict[str, int] = {}  # path -> fd open to read
 
     def read(self, controller: str, name: str) -> str:
-        key = (controller, name)
-        fd = self.fds.get(key)
+        return self._read_kept(os.path.join(self.dirs[controller], name))
+
+    def _read_kept(self, path: str) -> str:
+        fd = self.fds.get(path)
         if fd is None:
-            fd = os.open(os.path.join(self.dirs[controller], name), os.O_RDONLY | os.O_CLOEXEC)
-            self.fds[key] = fd
+            fd = self.fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         return _read_fd(fd)
 
     def write(self, controller: str, name: str, value: str) -> None:
@@ -157,15 +158,7 @@ class RunCgroup:
             cpu_time=None if raw.cpu_time is None else raw.cpu_time - (base.cpu_time or 0.0))
 
     def empty(self) -> bool:
-        return all(not self.read(controller, "cgroup.procs").strip()
-                   for controller in self._distinct_dirs())
-
-    def _distinct_dirs(self) -> list[str]:
-        """One controller per directory (v1 controllers may share a mount)."""
-        seen: dict[str, str] = {}
-        for controller, path in self.dirs.items():
-            seen.setdefault(path, controller)
-        return list(seen.values())
+        return all(not self._read_kept(path).strip() for path in self.procs_files)
 
     def remove(self) -> None:
         self.close_files()
